@@ -1,0 +1,36 @@
+# Two commands do all the set-up: `make course` and `make test`.
+# GPU users: `make course TORCH="torch --index-url https://download.pytorch.org/whl/cu121"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PRESET ?= course
+OUT ?= runs/course
+NOTEBOOKS ?=
+PY := $(VENV)/bin/python
+
+.PHONY: course test venv clean-venv smoke benchmark
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, so pip never resolves a second (CUDA) build for the project
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[course,dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+course: venv
+	$(PY) -m itmkit.course run $(NOTEBOOKS) --preset $(PRESET) --out $(OUT)
+
+smoke:
+	$(MAKE) course PRESET=smoke OUT=runs/smoke
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+benchmark: venv
+	$(PY) benchmarks/pairwise_engine.py
+
+clean-venv:
+	rm -rf $(VENV)

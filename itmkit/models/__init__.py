@@ -1,0 +1,1 @@
+"""Encoders, pooling and the :class:`~itmkit.models.base.MatchingModel` interface."""

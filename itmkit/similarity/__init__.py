@@ -1,0 +1,1 @@
+"""Similarity: the embedding dot product and the pairwise (cross-attention) engine."""
