@@ -1,0 +1,521 @@
+"""The course runner: execute the numbered notebooks headless with papermill, and summarise them.
+
+``python -m itmkit.course list`` shows the notebooks; ``python -m itmkit.course run [names...]
+--preset smoke|course|paper --out DIR [--data DIR] [--device D] [--seed S] [--epochs N]`` runs
+them in order, each in a fresh ``python3`` kernel with its ``parameters`` cell overridden, writes
+each executed copy next to that notebook's outputs (``<out>/<stem>/<stem>.ipynb``), and prints and
+saves a summary table (``summary.csv``, ``summary.md``) built only from each notebook's
+``metrics.json``. A failing notebook is named with its failing cell; the others still run; the
+exit status is non-zero at the end. Design: ``../shared/COURSE.md`` ("Headless runs") and
+``docs/notebooks_howto.md``.
+
+The module also holds the few helpers every notebook calls to turn its parameters into a run
+configuration and to write its ``metrics.json`` (:func:`notebook_run_config`,
+:func:`write_metrics`), so the notebooks themselves define no logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from itmkit.paths import REPO_ROOT
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+NOTEBOOK_NAME = re.compile(r"^(?P<number>\d{2})_(?P<name>[a-z0-9_]+)\.ipynb$")
+PRESETS = ("smoke", "course", "paper")
+KERNEL_NAME = "python3"
+
+# Metric columns shown in the printed table and summary.md, in this order, when any notebook
+# reports them; every other scalar in a metrics.json goes to summary.csv only.
+KEY_METRICS = (
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "rsum",
+    "untrained_rsum",
+    "train_seconds",
+)
+SUMMARY_COLUMNS = ("notebook", "status", "seconds", "peak_rss_mb", "error")
+
+# notebook preset -> embedded data-set preset, for notebooks that use data but no method
+EMBEDDED_PRESET_OF = {"smoke": "tiny", "course": "course"}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers the notebooks call
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` (and parents) and return it as a :class:`Path`."""
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def embedded_preset_for(preset: str) -> str:
+    """The embedded data-set preset a notebook preset reads: ``smoke`` -> ``tiny``, ``course`` ->
+    ``course``. ``paper`` has no embedded set: it needs real precomp data (``data_dir``)."""
+    if preset not in EMBEDDED_PRESET_OF:
+        raise ValueError(
+            f"notebook parameter 'preset': expected one of {sorted(EMBEDDED_PRESET_OF)} for the "
+            f"embedded data set, found {preset!r} (the paper preset needs data_dir=<precomp folder>)"
+        )
+    return EMBEDDED_PRESET_OF[preset]
+
+
+def notebook_run_config(
+    method: str,
+    preset: str,
+    *,
+    data_dir: str | Path | None = None,
+    epochs: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+):
+    """The :class:`~itmkit.config.RunConfig` a notebook trains with, from its parameters cell.
+
+    The notebook preset is the method preset (``get_method(method).preset(preset)``: ``smoke``
+    reads the embedded ``tiny`` set, ``course`` the embedded ``course`` set, ``paper`` the paper's
+    recipe and needs ``data_dir``); then ``data_dir``, ``epochs`` (when not None), ``device`` and
+    ``seed`` override ``data.data_dir``, ``train.epochs``, ``train.device``, ``train.seed``.
+    """
+    from itmkit.config import replace_nested
+    from itmkit.methods.registry import get_method
+
+    cfg = get_method(method).preset(preset)
+    if preset.startswith("paper") and data_dir is None and cfg.data.data_dir is None:
+        raise ValueError(
+            f"notebook parameter 'data_dir': expected a precomp folder for preset {preset!r}, "
+            "found None (the paper recipe runs on real features; use smoke or course for the "
+            "embedded set)"
+        )
+    overrides: dict[str, Any] = {"train.device": device, "train.seed": int(seed)}
+    if data_dir is not None:
+        overrides["data.data_dir"] = str(data_dir)
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise ValueError(f"notebook parameter 'epochs': expected a positive integer, found {epochs!r}")
+        overrides["train.epochs"] = int(epochs)
+    return replace_nested(cfg, overrides)
+
+
+def _scalar(key: str, value: Any, path: Path) -> Any:
+    """A JSON scalar for ``metrics.json``; numpy/torch scalars are unwrapped, nesting refused."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    raise TypeError(
+        f"{path}: field {key!r}: expected a scalar (number, string, bool or None) so the course "
+        f"summary can tabulate it, found {type(value).__name__}"
+    )
+
+
+def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write a flat ``metrics.json`` into ``out_dir`` (keys sorted) and return its path.
+
+    Nested values raise ``TypeError`` naming the key: the batch summary reads only flat scalars.
+    Non-finite floats are stored as ``null`` (JSON has no NaN).
+    """
+    path = prepare_out_dir(out_dir) / "metrics.json"
+    flat = {str(k): _scalar(str(k), v, path) for k, v in metrics.items()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a half-written metrics.json never reaches the summary
+    return path
+
+
+def read_metrics(out_dir: str | Path) -> dict[str, Any]:
+    """The flat metrics a notebook wrote to ``out_dir/metrics.json`` ({} when it wrote none)."""
+    path = Path(out_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of metrics, found {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+
+
+def discover_notebooks(folder: str | Path | None = None) -> list[Path]:
+    """Every ``NN_<name>.ipynb`` in ``folder`` (default ``notebooks/``), in course order."""
+    folder = Path(folder) if folder is not None else NOTEBOOKS_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"notebook folder {folder}: expected a directory, found none")
+    return sorted(p for p in folder.iterdir() if NOTEBOOK_NAME.match(p.name))
+
+
+def select_notebooks(names: Iterable[str] | None, folder: str | Path | None = None) -> list[Path]:
+    """The notebooks named in ``names`` (stem ``03_vse_infty``, number ``03`` or name
+    ``vse_infty``), in course order; ``None`` or empty selects all. Unknown names raise
+    ``ValueError`` listing what exists."""
+    available = discover_notebooks(folder)
+    names = list(names or [])
+    if not names:
+        return available
+    chosen: set[Path] = set()
+    for wanted in names:
+        wanted_stem = Path(wanted).stem if wanted.endswith(".ipynb") else wanted
+        hits = [
+            p
+            for p in available
+            if wanted_stem in (p.stem, NOTEBOOK_NAME.match(p.name)["number"], NOTEBOOK_NAME.match(p.name)["name"])
+        ]
+        if not hits:
+            raise ValueError(
+                f"notebook {wanted!r}: expected one of {[p.stem for p in available]} (or its number "
+                f"or name), found no match in {Path(folder) if folder else NOTEBOOKS_DIR}"
+            )
+        chosen.update(hits)
+    return [p for p in available if p in chosen]
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NotebookResult:
+    """What the runner knows about one executed notebook."""
+
+    notebook: str
+    status: str  # "ok" | "failed"
+    seconds: float
+    out_dir: Path
+    executed: Path
+    peak_rss_mb: float | None = None
+    error: str = ""
+    cell_index: int | None = None  # failing cell, 0-based in the committed notebook
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class _PeakRSS:
+    """Polls the resident memory of this process's children (the kernel) in a thread.
+
+    papermill starts the kernel as a child process and does not report its memory; sampling every
+    ``interval`` seconds misses spikes shorter than that, so the Linux high-water mark (VmHWM,
+    the kernel's own peak) is read as well where ``/proc`` has it.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _high_water(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
+
+    def _poll(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                for child in me.children(recursive=True):
+                    try:
+                        rss = child.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    self.peak_bytes = max(self.peak_bytes, rss, self._high_water(child.pid))
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "_PeakRSS":
+        try:
+            import psutil  # noqa: F401  (optional: without it the peak column stays empty)
+        except ImportError:
+            return self
+        self._thread = threading.Thread(target=self._poll, name="itmkit-peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    @property
+    def peak_mb(self) -> float | None:
+        return round(self.peak_bytes / 2**20, 1) if self.peak_bytes else None
+
+
+def _source_cell_index(notebook: Path, executed_index: int) -> int:
+    """Map a cell index of papermill's executed copy back to the committed notebook.
+
+    papermill inserts one ``injected-parameters`` cell right after the ``parameters`` cell (or at
+    the top when there is none), so cells after it shift by one.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    injected_at = tagged[-1] + 1 if tagged else 0
+    return executed_index - 1 if executed_index >= injected_at + 1 else executed_index
+
+
+def _describe_failure(notebook: Path, exc: BaseException) -> tuple[str, int | None]:
+    """A one-line description of why a notebook failed, and the failing source cell index."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        index = _source_cell_index(notebook, exc.cell_index)
+        first_line = next((ln.strip() for ln in str(exc.source).splitlines() if ln.strip()), "")
+        if len(first_line) > 60:
+            first_line = first_line[:57] + "..."
+        message = f"cell {index} (In [{exc.exec_count}]: {first_line}): {exc.ename}: {exc.evalue}"
+        return message, index
+    return f"{type(exc).__name__}: {exc}", None
+
+
+def run_notebook(
+    notebook: str | Path,
+    out_root: str | Path,
+    parameters: dict[str, Any],
+    *,
+    timeout: float | None = None,
+    log_output: bool = False,
+) -> NotebookResult:
+    """Execute one notebook in a fresh ``python3`` kernel with ``parameters`` injected.
+
+    ``out_dir`` is set to ``<out_root>/<stem>`` (absolute); the kernel starts in that folder and
+    the executed copy is written there as ``<stem>.ipynb``. Never raises for a notebook error:
+    the result's ``status``/``error``/``cell_index`` say what went wrong.
+    """
+    import papermill
+
+    notebook = Path(notebook).resolve()
+    out_dir = (Path(out_root) / notebook.stem).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = out_dir / "metrics.json"
+    if stale.exists():
+        stale.unlink()  # a metrics.json from an earlier run must not pass for this run's
+    executed = out_dir / notebook.name
+    params = {**parameters, "out_dir": str(out_dir)}
+    status, error, cell_index = "ok", "", None
+    start = time.perf_counter()
+    with _PeakRSS() as memory:
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(executed),
+                parameters=params,
+                kernel_name=KERNEL_NAME,
+                language="python",
+                progress_bar=False,
+                log_output=log_output,
+                cwd=str(out_dir),
+                execution_timeout=timeout,
+            )
+        except Exception as exc:  # any failure is reported, and the course goes on
+            status = "failed"
+            error, cell_index = _describe_failure(notebook, exc)
+    seconds = time.perf_counter() - start
+    metrics = {}
+    if status == "ok":
+        try:
+            metrics = read_metrics(out_dir)
+        except ValueError as exc:
+            status, error = "failed", str(exc)
+        else:
+            if not metrics:
+                status, error = "failed", f"{notebook.name} wrote no {out_dir / 'metrics.json'}"
+    return NotebookResult(
+        notebook=notebook.stem,
+        status=status,
+        seconds=round(seconds, 1),
+        out_dir=out_dir,
+        executed=executed,
+        peak_rss_mb=memory.peak_mb,
+        error=error,
+        cell_index=cell_index,
+        metrics=metrics,
+    )
+
+
+def summary_table(results: Sequence[NotebookResult]) -> pd.DataFrame:
+    """One row per notebook: ``notebook, status, seconds, peak_rss_mb, error``, then the
+    :data:`KEY_METRICS` any notebook reported, then every other scalar metric (sorted)."""
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {
+            "notebook": r.notebook,
+            "status": r.status,
+            "seconds": r.seconds,
+            "peak_rss_mb": r.peak_rss_mb,
+            "error": r.error,
+        }
+        for key, value in r.metrics.items():
+            if key not in SUMMARY_COLUMNS:
+                row[key] = value
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)) if not rows else pd.DataFrame(rows)
+    present = set(frame.columns)
+    key = [k for k in KEY_METRICS if k in present]
+    other = sorted(present - set(SUMMARY_COLUMNS) - set(key))
+    return frame[list(SUMMARY_COLUMNS) + key + other]
+
+
+def _cell_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of ``frame`` (floats to 2 decimals, empty for NaN)."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join(_cell_text(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def headline(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns worth printing: the fixed ones and the key metrics (not every scalar)."""
+    return frame[[c for c in frame.columns if c in SUMMARY_COLUMNS or c in KEY_METRICS]]
+
+
+def write_summary(frame: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
+    """Save ``summary.csv`` (every column) and ``summary.md`` (the headline columns) in ``out``."""
+    out = prepare_out_dir(out)
+    csv_path, md_path = out / "summary.csv", out / "summary.md"
+    frame.to_csv(csv_path, index=False)
+    md_path.write_text(markdown_table(headline(frame)))
+    return csv_path, md_path
+
+
+def run_course(
+    names: Iterable[str] | None = None,
+    preset: str = "course",
+    out: str | Path = "runs/course",
+    *,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    epochs: int | None = None,
+    notebooks_dir: str | Path | None = None,
+    timeout: float | None = None,
+    log_output: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the selected notebooks (all by default) in order and return the summary table.
+
+    Each notebook gets ``preset``, ``data_dir``, ``device``, ``seed``, ``out_dir=<out>/<stem>``
+    and ``epochs`` (only when given) as papermill parameters. ``summary.csv``/``summary.md`` are
+    written to ``out`` after every notebook, so an interrupted course still leaves a table.
+    """
+    notebooks = select_notebooks(names, notebooks_dir)
+    if not notebooks:
+        raise FileNotFoundError(f"no NN_<name>.ipynb notebooks in {notebooks_dir or NOTEBOOKS_DIR}")
+    out = prepare_out_dir(out).resolve()
+    parameters: dict[str, Any] = {
+        "preset": preset,
+        "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
+        "device": device,
+        "seed": int(seed),
+    }
+    if epochs is not None:
+        parameters["epochs"] = int(epochs)
+    results: list[NotebookResult] = []
+    bar = tqdm(notebooks, desc=f"course ({preset})", unit="notebook", disable=not progress)
+    for notebook in bar:
+        bar.set_postfix_str(notebook.stem)
+        result = run_notebook(notebook, out, parameters, timeout=timeout, log_output=log_output)
+        results.append(result)
+        line = f"{result.notebook}: {result.status} in {result.seconds:.1f} s"
+        if result.error:
+            line += f" -- {result.error}"
+        if progress:
+            tqdm.write(line)
+        frame = summary_table(results)
+        write_summary(frame, out)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m itmkit.course", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the course notebooks in order")
+    run = sub.add_parser("run", help="run notebooks headless and write a summary table")
+    run.add_argument("names", nargs="*", help="notebooks by stem, number or name (default: all)")
+    run.add_argument("--preset", default="course", help="smoke | course | paper (default: course)")
+    run.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
+    run.add_argument("--data", default=None, help="precomp data folder (default: the embedded set)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    run.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
+    run.add_argument("--log-output", action="store_true", help="echo notebook output to the log")
+    run.add_argument("--notebooks", default=None, help=argparse.SUPPRESS)  # a different folder (tests)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        for path in discover_notebooks():
+            print(path.stem)
+        return 0
+    out = args.out or f"runs/{args.preset}"
+    frame = run_course(
+        args.names,
+        preset=args.preset,
+        out=out,
+        data_dir=args.data,
+        device=args.device,
+        seed=args.seed,
+        epochs=args.epochs,
+        notebooks_dir=args.notebooks,
+        timeout=args.timeout,
+        log_output=args.log_output,
+    )
+    print()
+    print(markdown_table(headline(frame)), end="")
+    print(f"\nsummary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
+    failed = frame.loc[frame["status"] != "ok", "notebook"].tolist()
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The course runner: discovery, metrics files, failure reporting and the summary table.
+
+The runner tests execute two tiny throw-away notebooks (one raises, one writes metrics) through
+papermill, so they exercise the real kernel path in a few seconds.
+"""
+
+import json
+import sys
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from itmkit import course
+from itmkit.config import RunConfig, TrainConfig, DataConfig
+
+nbformat = pytest.importorskip("nbformat", reason="the course extra (nbformat, papermill) is not installed")
+pytest.importorskip("papermill", reason="the course extra (papermill) is not installed")
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+PARAMETERS = 'data_dir = None\npreset = "course"\nepochs = None\ndevice = "auto"\nseed = 0\nout_dir = "runs/x"'
+
+
+def _write_notebook(path, code_cells, title="# A test notebook"):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = KERNELSPEC
+    nb.metadata["language_info"] = {"name": "python"}
+    params = nbformat.v4.new_code_cell(PARAMETERS)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(title), params] + [nbformat.v4.new_code_cell(c) for c in code_cells]
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_course(tmp_path_factory):
+    """A course folder: 00_fails raises in cell 3, 01_reports writes metrics, plus noise files."""
+    folder = tmp_path_factory.mktemp("notebooks")
+    _write_notebook(
+        folder / "00_fails.ipynb",
+        ["x = 1", "y = x / 0  # the failing cell", "print('never reached')"],
+    )
+    _write_notebook(
+        folder / "01_reports.ipynb",
+        [
+            "from itmkit.course import write_metrics",
+            "write_metrics(out_dir, {'seed_seen': seed, 'preset_seen': preset, 'epochs_seen': epochs,\n"
+            "                        'rsum': 3.5 * seed, 'i2t_r1': 1.25, 'zz_extra': 'kept'})",
+        ],
+    )
+    (folder / "README.md").write_text("not a notebook")
+    _write_notebook(folder / "scratch.ipynb", ["raise RuntimeError('must never run')"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def course_run(toy_course, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    frame = course.run_course(
+        None, preset="smoke", out=out, seed=7, epochs=2, notebooks_dir=toy_course, progress=False
+    )
+    return frame, out
+
+
+def test_discovery_keeps_numbered_notebooks_in_order(toy_course):
+    assert [p.name for p in course.discover_notebooks(toy_course)] == ["00_fails.ipynb", "01_reports.ipynb"]
+
+
+def test_select_by_stem_number_or_name(toy_course):
+    by = lambda names: [p.stem for p in course.select_notebooks(names, toy_course)]  # noqa: E731
+    assert by(["reports"]) == ["01_reports"]
+    assert by(["01", "00_fails"]) == ["00_fails", "01_reports"]  # course order, not argument order
+    assert by(["01_reports.ipynb"]) == ["01_reports"]
+    assert by(None) == ["00_fails", "01_reports"]
+    with pytest.raises(ValueError, match="'nope'.*00_fails"):
+        course.select_notebooks(["nope"], toy_course)
+
+
+def test_failing_notebook_is_named_with_its_cell_and_the_rest_still_runs(course_run):
+    frame, out = course_run
+    assert frame["notebook"].tolist() == ["00_fails", "01_reports"]
+    failed = frame.set_index("notebook").loc["00_fails"]
+    assert failed["status"] == "failed"
+    # cell 3 of the committed notebook: title, parameters, "x = 1", then the division
+    assert "cell 3" in failed["error"] and "ZeroDivisionError" in failed["error"]
+    assert "y = x / 0" in failed["error"]
+    # the executed copy sits next to the notebook's outputs and holds the traceback
+    executed = nbformat.read(str(out / "00_fails" / "00_fails.ipynb"), as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert errors and errors[0].ename == "ZeroDivisionError"
+    assert frame.set_index("notebook").loc["01_reports", "status"] == "ok"
+
+
+def test_parameters_are_injected_and_metrics_reach_the_summary(course_run):
+    frame, out = course_run
+    row = frame.set_index("notebook").loc["01_reports"]
+    assert row["seed_seen"] == 7 and row["preset_seen"] == "smoke" and row["epochs_seen"] == 2
+    assert row["rsum"] == pytest.approx(24.5) and row["i2t_r1"] == pytest.approx(1.25)
+    written = json.loads((out / "01_reports" / "metrics.json").read_text())
+    assert written["rsum"] == pytest.approx(24.5)
+    assert row["seconds"] > 0
+    assert row["peak_rss_mb"] is None or row["peak_rss_mb"] > 10  # a python kernel is tens of MB
+
+
+def test_summary_files_order_columns_and_show_key_metrics(course_run):
+    frame, out = course_run
+    assert list(frame.columns[:5]) == ["notebook", "status", "seconds", "peak_rss_mb", "error"]
+    # key metrics in KEY_METRICS order first, then the rest sorted
+    assert list(frame.columns[5:]) == ["i2t_r1", "rsum", "epochs_seen", "preset_seen", "seed_seen", "zz_extra"]
+    on_disk = pd.read_csv(out / "summary.csv")
+    assert on_disk["notebook"].tolist() == ["00_fails", "01_reports"]
+    assert on_disk["status"].tolist() == ["failed", "ok"]
+    md = (out / "summary.md").read_text().splitlines()
+    assert md[0] == "| notebook | status | seconds | peak_rss_mb | error | i2t_r1 | rsum |"
+    assert md[3].startswith("| 01_reports | ok |") and md[3].endswith("| 1.25 | 24.50 |")
+
+
+def test_cli_exits_non_zero_and_names_the_failed_notebook(toy_course, tmp_path, capsys):
+    rc = course.main(["run", "00", "--preset", "smoke", "--out", str(tmp_path), "--notebooks", str(toy_course)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "FAILED: 00_fails" in captured.err
+    assert "| 00_fails | failed |" in captured.out
+    assert (tmp_path / "summary.csv").is_file() and not (tmp_path / "01_reports").exists()
+
+
+def test_notebook_without_metrics_counts_as_failed(tmp_path):
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    _write_notebook(folder / "00_silent.ipynb", ["z = 2 + 2"])
+    frame = course.run_course(["silent"], preset="smoke", out=tmp_path / "out", notebooks_dir=folder, progress=False)
+    assert frame["status"].tolist() == ["failed"]
+    assert "metrics.json" in frame["error"].iloc[0]
+
+
+def test_markdown_table_by_hand():
+    frame = pd.DataFrame({"notebook": ["a|b", "c"], "x": [1.0, float("nan")], "n": [3, 4]})
+    assert course.markdown_table(frame) == (
+        "| notebook | x | n |\n| --- | --- | --- |\n| a\\|b | 1.00 | 3 |\n| c |  | 4 |\n"
+    )
+
+
+def test_write_metrics_is_flat_and_unwraps_scalars(tmp_path):
+    path = course.write_metrics(tmp_path / "m", {"b": np.float32(0.5), "a": np.int64(3), "c": float("inf"), "d": "x"})
+    assert json.loads(path.read_text()) == {"a": 3, "b": 0.5, "c": None, "d": "x"}
+    assert list(json.loads(path.read_text())) == ["a", "b", "c", "d"]
+    assert course.read_metrics(tmp_path / "m")["a"] == 3
+    assert course.read_metrics(tmp_path / "nothing") == {}
+    with pytest.raises(TypeError, match=r"metrics.json.*'curve'.*scalar.*list"):
+        course.write_metrics(tmp_path / "m", {"curve": [1, 2]})
+
+
+def test_embedded_preset_for_maps_presets():
+    assert course.embedded_preset_for("smoke") == "tiny"
+    assert course.embedded_preset_for("course") == "course"
+    with pytest.raises(ValueError, match="preset.*'paper'.*data_dir"):
+        course.embedded_preset_for("paper")
+
+
+@dataclass
+class _ToyModel:
+    embed_size: int = 4
+
+
+def test_notebook_run_config_applies_parameters_to_the_method_preset(monkeypatch):
+    from itmkit.methods import registry
+
+    def preset(epochs, embedded):
+        return lambda: RunConfig(
+            method="toy", model=_ToyModel(), data=DataConfig(embedded_preset=embedded), train=TrainConfig(epochs=epochs)
+        )
+
+    module = types.ModuleType("itmkit_toy_method")
+    module.METHOD = registry.MethodSpec(
+        name="toy",
+        config_cls=_ToyModel,
+        build=lambda cfg, vocab: None,
+        presets={"smoke": preset(1, "tiny"), "course": preset(6, "course"), "paper": preset(25, "course")},
+    )
+    monkeypatch.setitem(sys.modules, "itmkit_toy_method", module)
+    monkeypatch.setitem(registry.METHOD_MODULES, "toy", "itmkit_toy_method")
+
+    cfg = course.notebook_run_config("toy", "course", device="cpu", seed=3)
+    assert (cfg.train.epochs, cfg.train.device, cfg.train.seed, cfg.preset) == (6, "cpu", 3, "course")
+    assert cfg.data.data_dir is None and cfg.data.embedded_preset == "course"
+    cfg = course.notebook_run_config("toy", "smoke", epochs=2)
+    assert cfg.train.epochs == 2 and cfg.data.embedded_preset == "tiny"
+    cfg = course.notebook_run_config("toy", "paper", data_dir="/data/f30k_precomp")
+    assert cfg.data.data_dir == "/data/f30k_precomp" and cfg.train.epochs == 25
+    with pytest.raises(ValueError, match="data_dir.*'paper'"):
+        course.notebook_run_config("toy", "paper")
+    with pytest.raises(ValueError, match="epochs.*0"):
+        course.notebook_run_config("toy", "smoke", epochs=0)
+    with pytest.raises(KeyError, match="no preset 'huge'"):
+        course.notebook_run_config("toy", "huge")
