@@ -180,16 +180,19 @@ def test_aggregate_by_hand_and_limits():
 
 
 # --------------------------------------------------------------------------- vectorised vs loop
+@pytest.mark.parametrize("with_graph", [False, True], ids=["in_place", "autograd"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("norm", NORMS)
-def test_block_scores_match_plain_loop_every_option(direction, norm):
+def test_block_scores_match_plain_loop_every_option(direction, norm, with_graph):
     g = torch.Generator().manual_seed(zlib.crc32(f"{direction}{norm}".encode()))
     img_lens, cap_lens = [4, 2, 3], [5, 2, 4, 3]
     images, img_mask = random_sets(3, 4, 6, img_lens, g, garbage=True, unit=(norm != "no_norm"))
     caps, cap_mask = random_sets(4, 5, 6, cap_lens, g, garbage=True)
     fn = xa.t2i_scores if direction == "t2i" else xa.i2t_scores
+    # requires_grad selects the out-of-place path that keeps the autograd graph
+    images_in, caps_in = images.clone().requires_grad_(with_graph), caps.clone().requires_grad_(with_graph)
     for agg in AGGS:
-        got = fn(images, caps, img_mask, cap_mask, norm, 4.0, agg, 5.0)
+        got = fn(images_in, caps_in, img_mask, cap_mask, norm, 4.0, agg, 5.0).detach()
         want = ref_matrix(images, img_lens, caps, cap_lens, direction, norm, 4.0, agg, 5.0)
         assert got.shape == (3, 4)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{direction} {norm} {agg}")

@@ -212,57 +212,121 @@ def attended_relevance(
     set) combination of two blocks (scan.md §3.4 steps 1–2 / §3.5 steps 1–2, vectorised per §4).
 
     Args:
-        context: ``[nc, Lc, d]`` context sets (images for t2i, captions for i2t), zero-padded.
-        query: ``[nq, Lq, d]`` query sets, zero-padded.
+        context: ``[nc, Lc, d]`` context sets (images for t2i, captions for i2t).
+        query: ``[nq, Lq, d]`` query sets.
         raw_feature_norm, smooth: §3.3 option and λ1.
-        context_mask: ``[nc, Lc]`` bool or None; query_mask: ``[nq, Lq]`` bool or None.
+        context_mask: ``[nc, Lc]`` bool or None; query_mask: ``[nq, Lq]`` bool or None
+            (``True`` = real item; padded items may hold anything).
 
     Returns:
         ``[nc, nq, Lq]``: ``cos(query[j, q], Σ_c A[c, q] · context[i, c])`` for pair ``(i, j)``.
         Entries of padded query items are meaningless (mask them when pooling).
 
-    Memory: about four ``[nc, Lc, nq, Lq]`` tensors at a time (no grad); see
-    :func:`relevance_workspace_bytes`.
+    Without autograd the work runs in place on two ``[nc, Lc, nq, Lq]`` buffers (fresh
+    allocations cost more than the arithmetic here); with autograd a plain out-of-place version
+    keeps the graph. Both compute the same thing; see :func:`relevance_workspace_bytes`.
     """
+    norm = check_raw_feature_norm(raw_feature_norm)
+    if context_mask is not None:
+        context = context * context_mask[..., None].to(context.dtype)
+    if query_mask is not None:
+        # zero padded query items: their raw scores are then exactly 0, which adds nothing to the
+        # L1/L2 sums of the raw norm (only "softmax" still needs an explicit mask below)
+        query = query * query_mask[..., None].to(query.dtype)
+    if context_mask is not None and bool(context_mask.all()):
+        context_mask = None  # nothing padded: skip the masking passes
+    needs_graph = torch.is_grad_enabled() and (context.requires_grad or query.requires_grad)
+    if needs_graph:
+        return _relevance_with_graph(context, query, norm, smooth, context_mask, query_mask)
+    return _relevance_in_place(context, query, norm, smooth, context_mask, query_mask)
+
+
+def _block_scores(context: Tensor, query: Tensor) -> Tensor:
+    """``[nc, Lc, nq, Lq]`` dot products from one GEMM; this layout makes the Gram contraction a
+    plain batched matmul over ``nc`` with no copy."""
     nc, lc, d = context.shape
     nq, lq, _ = query.shape
-    # One GEMM for every context-item x query-item dot product, laid out [nc, Lc, nq, Lq] so the
-    # Gram contraction below is a plain batched matmul over nc without any copy.
     scores = (context.reshape(nc * lc, d) @ query.reshape(nq * lq, d).t()).view(nc, lc, nq, lq)
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        # reduced-precision GEMM (CUDA option); everything after it accumulates in fp32
-        scores = scores.float()
-        context, query = context.float(), query.float()
+    # reduced-precision GEMM (a CUDA option): everything after it accumulates in fp32
+    return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+
+
+def _cosine_from_gram(dot: Tensor, ctx_sq: Tensor, query: Tensor) -> Tensor:
+    query_norm = torch.linalg.vector_norm(query.to(dot.dtype), dim=-1)  # [nq, Lq]
+    # rounding can push ||ctx||^2 a hair below 0
+    return dot / (query_norm[None] * ctx_sq.clamp_min(0.0).sqrt()).clamp_min(COSINE_EPS)
+
+
+def _relevance_with_graph(context, query, norm, smooth, context_mask, query_mask) -> Tensor:
+    nc, lc, _ = context.shape
+    nq, lq, _ = query.shape
+    scores = _block_scores(context, query)
+    context = context.to(scores.dtype)
     attn = attention_weights(
         scores,
-        raw_feature_norm,
+        norm,
         smooth,
         query_dim=3,
         context_dim=1,
         query_mask=None if query_mask is None else query_mask[None, None, :, :],
         context_mask=None if context_mask is None else context_mask[:, :, None, None],
     )
-    # q . ctx = sum_c A[c, q] S[c, q]
-    dot = (attn * scores).sum(1)  # [nc, nq, Lq]
-    del scores
-    # ||ctx||^2 = A[:, q]^T Gram A[:, q]: the Gram matrix of each context set is tiny ([Lc, Lc]).
+    dot = (attn * scores).sum(1)  # q . ctx = sum_c A[c, q] S[c, q]
     gram = torch.bmm(context, context.transpose(1, 2))  # [nc, Lc, Lc]
     gram_attn = torch.bmm(gram, attn.reshape(nc, lc, nq * lq)).view(nc, lc, nq, lq)
-    ctx_sq = (attn * gram_attn).sum(1).clamp_min(0.0)  # rounding can dip a hair below 0
-    del gram_attn, attn
-    query_norm = torch.linalg.vector_norm(query, dim=-1)  # [nq, Lq]
-    return dot / (query_norm[None] * ctx_sq.sqrt()).clamp_min(COSINE_EPS)
+    ctx_sq = (attn * gram_attn).sum(1)  # ||ctx||^2 = A[:, q]^T Gram A[:, q]
+    return _cosine_from_gram(dot, ctx_sq, query)
+
+
+def _relevance_in_place(context, query, norm, smooth, context_mask, query_mask) -> Tensor:
+    nc, lc, _ = context.shape
+    nq, lq, _ = query.shape
+    scores = _block_scores(context, query)
+    context = context.to(scores.dtype)
+    # --- raw-score normalisation over the query axis (3), written into a second buffer
+    if norm.startswith("clipped"):
+        attn = F.leaky_relu(scores, LEAKY_SLOPE)
+    else:
+        attn = scores.clone()
+    if norm == "softmax":
+        if query_mask is not None:
+            attn.masked_fill_(~query_mask[None, None], _lowest(attn.dtype))
+        attn.sub_(attn.amax(3, keepdim=True)).exp_()
+        scale = attn.sum(3, keepdim=True).reciprocal_().mul_(smooth)
+    elif norm.endswith("l2norm"):
+        scale = torch.linalg.vector_norm(attn, dim=3, keepdim=True).add_(NORM_EPS).reciprocal_().mul_(smooth)
+    elif norm.endswith("l1norm"):
+        scale = torch.linalg.vector_norm(attn, ord=1, dim=3, keepdim=True).add_(NORM_EPS).reciprocal_().mul_(smooth)
+    else:
+        scale = smooth
+    attn.mul_(scale)  # logits = λ1 · normalised scores
+    # --- attention softmax over the context axis (1); padded context items get weight 0
+    if context_mask is not None:
+        attn.masked_fill_(~context_mask[:, :, None, None], _lowest(attn.dtype))
+    attn.sub_(attn.amax(1, keepdim=True)).exp_()
+    attn.div_(attn.sum(1, keepdim=True))
+    # --- q . ctx, then ||ctx||^2 through the context Gram matrix, reusing the scores buffer
+    dot = scores.mul_(attn).sum(1)  # [nc, nq, Lq]
+    gram = torch.bmm(context, context.transpose(1, 2))  # [nc, Lc, Lc]
+    gram_attn = torch.bmm(gram, attn.view(nc, lc, nq * lq), out=scores.view(nc, lc, nq * lq)).view(nc, lc, nq, lq)
+    ctx_sq = gram_attn.mul_(attn).sum(1)
+    return _cosine_from_gram(dot, ctx_sq, query)
 
 
 def relevance_workspace_bytes(n_context: int, n_query: int, element_size: int = 4, grad: bool = False) -> int:
     """Bytes :func:`attended_relevance` needs per (context set, query set) pair.
 
-    Without grad at most four ``Lc × Lq`` tensors are alive at once (scores, normalised logits /
-    attention, a product before its reduction, the Gram product); with grad autograd keeps about
-    ten of them for the backward pass. Plus a few ``Lq``-sized results.
+    Without grad the in-place path keeps two ``Lc × Lq`` buffers (scores, attention) plus
+    reductions; reduced-precision inputs add the half-size GEMM output. With grad autograd keeps
+    about ten ``Lc × Lq`` tensors for the backward pass. Plus a few ``Lq``-sized results.
+    ``element_size`` is that of the inputs; the work after the GEMM is at least fp32.
     """
-    per_grid = n_context * n_query * element_size
-    return (10 if grad else 4) * per_grid + 8 * n_query * element_size
+    grid = n_context * n_query
+    work = max(element_size, 4)
+    if grad:
+        return 10 * grid * work + 8 * n_query * work
+    extra = grid * element_size if element_size < 4 else 0
+    return 2 * grid * work + extra + 8 * n_query * work + 2 * n_context * work
 
 
 def t2i_scores(
