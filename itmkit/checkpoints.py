@@ -1,0 +1,158 @@
+"""Strict state-dict import: read reference checkpoints, rename keys, load, report by name.
+
+The references load with ``strict=False``; with DataParallel's ``module.`` prefix that loads
+nothing and evaluates a random model without a word (baselines.md §D, §F.1). Everything here
+fails loudly instead, naming each missing, unexpected or misshaped key.
+"""
+
+from __future__ import annotations
+
+import pickle
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict does not fit a model; ``report`` lists the offending keys."""
+
+    def __init__(self, source: str, report: "LoadReport") -> None:
+        self.source = source
+        self.report = report
+        super().__init__(f"{source}: state dict does not match the model:\n{report}")
+
+
+@dataclass
+class LoadReport:
+    """Keys the model expects but the state dict lacks, keys it does not know, and shape clashes
+    (``name -> (expected shape, found shape)``)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    misshaped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    loaded: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.misshaped)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.loaded} tensors"]
+        if self.missing:
+            lines.append(f"missing ({len(self.missing)}): " + ", ".join(self.missing))
+        if self.unexpected:
+            lines.append(f"unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+        for name, (expected, found) in self.misshaped.items():
+            lines.append(f"misshaped: {name}: expected {list(expected)}, found {list(found)}")
+        return "\n".join(lines)
+
+
+def strip_prefix(state: Mapping[str, Tensor], prefix: str = "module.") -> StateDict:
+    """Remove ``prefix`` from every key that starts with it (DataParallel's ``module.``)."""
+    return {(key[len(prefix) :] if key.startswith(prefix) else key): value for key, value in state.items()}
+
+
+def rename_keys(state: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> StateDict:
+    """Rename keys by their first matching prefix rule ``(old_prefix, new_prefix)``; keys no rule
+    matches are kept as they are, so a strict load reports them by name."""
+    renamed: StateDict = {}
+    for key, value in state.items():
+        new_key = key
+        for old, new in rules:
+            if key.startswith(old):
+                new_key = new + key[len(old) :]
+                break
+        if new_key in renamed:
+            raise ValueError(f"rename_keys: two source keys map to {new_key!r} (second: {key!r})")
+        renamed[new_key] = value
+    return renamed
+
+
+def compare_state_dicts(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> LoadReport:
+    """Report how ``found`` differs from ``expected`` (a model's ``state_dict()``)."""
+    report = LoadReport()
+    report.missing = sorted(set(expected) - set(found))
+    report.unexpected = sorted(set(found) - set(expected))
+    for name in sorted(set(expected) & set(found)):
+        want, have = tuple(expected[name].shape), tuple(found[name].shape)
+        if want != have:
+            report.misshaped[name] = (want, have)
+    report.loaded = len(set(expected) & set(found)) - len(report.misshaped)
+    return report
+
+
+def load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str = "state dict") -> LoadReport:
+    """Load ``state`` into ``module`` only if every key and shape matches; otherwise raise
+    :class:`CheckpointMismatchError` naming the keys (nothing is loaded then)."""
+    report = compare_state_dicts(module.state_dict(), state)
+    if not report.ok:
+        raise CheckpointMismatchError(source, report)
+    module.load_state_dict(dict(state), strict=True)
+    return report
+
+
+class MissingClassStub:
+    """Stands in for a class a pickle names but this environment cannot import (e.g. a
+    reference repository's ``lib.vocab.Vocabulary`` inside a saved ``opt``). Keeps the state."""
+
+    _stub_origin = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.stub_args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.stub_state = state
+
+    def __repr__(self) -> str:
+        return f"<missing class {self._stub_origin}>"
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (MissingClassStub,), {"__module__": module, "_stub_origin": f"{module}.{name}"})
+
+
+# torch.load subclasses ``pickle_module.Unpickler``, so a namespace with a tolerant Unpickler
+# makes it resolve unknown classes to stubs instead of failing.
+_TOLERANT_PICKLE = types.SimpleNamespace(
+    Unpickler=_TolerantUnpickler,
+    load=lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load(),
+    __name__="itmkit_tolerant_pickle",
+)
+
+
+def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` a reference ``.pth`` on the CPU, tolerating classes that cannot be imported.
+
+    Reference checkpoints pickle an ``argparse.Namespace`` (``opt``), so ``weights_only=False``
+    is required: only open checkpoints from a source you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TOLERANT_PICKLE)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, found {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def opt_value(opt: Any, name: str, default: Any = None) -> Any:
+    """Attribute ``name`` of a saved ``opt`` (Namespace, stub or dict), or ``default``."""
+    if isinstance(opt, Mapping):
+        return opt.get(name, default)
+    return getattr(opt, name, default)
+

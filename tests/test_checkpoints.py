@@ -1,0 +1,99 @@
+"""Strict state-dict import helpers (baselines.md §D, §F.1): names in every error, nothing half-loaded."""
+
+import argparse
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from itmkit.checkpoints import (
+    CheckpointMismatchError,
+    MissingClassStub,
+    compare_state_dicts,
+    load_strict,
+    read_reference_checkpoint,
+    rename_keys,
+    strip_prefix,
+)
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+
+def test_strip_prefix_and_rename_keys():
+    state = {"module.fc.weight": 1, "module.gpool.linear.weight": 2, "other": 3}
+    stripped = strip_prefix(state)
+    assert stripped == {"fc.weight": 1, "gpool.linear.weight": 2, "other": 3}
+    renamed = rename_keys(stripped, [("fc.", "image.fc."), ("gpool.", "image_pool.")])
+    assert renamed == {"image.fc.weight": 1, "image_pool.linear.weight": 2, "other": 3}
+    with pytest.raises(ValueError, match="two source keys map to 'a.x'"):
+        rename_keys({"b.x": 1, "c.x": 2}, [("b.", "a."), ("c.", "a.")])
+
+
+def test_load_strict_loads_a_matching_state():
+    source, target = small_model(), nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    report = load_strict(target, source.state_dict())
+    assert report.ok and report.loaded == len(source.state_dict())
+    assert torch.equal(target[0].weight, source[0].weight)
+
+
+def test_mismatches_are_reported_by_name_and_nothing_is_loaded():
+    target = small_model()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    state = {k: torch.zeros_like(v) for k, v in target.state_dict().items()}
+    del state["1.running_var"]  # missing
+    state["1.extra"] = torch.zeros(1)  # unexpected
+    state["0.weight"] = torch.zeros(4, 5)  # misshaped
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_strict(target, state, source="ckpt.pth")
+    message = str(error.value)
+    assert message.startswith("ckpt.pth:")
+    assert "missing (1): 1.running_var" in message and "unexpected (1): 1.extra" in message
+    assert "misshaped: 0.weight: expected [4, 3], found [4, 5]" in message
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    report = compare_state_dicts(target.state_dict(), state)
+    assert report.missing == ["1.running_var"] and report.unexpected == ["1.extra"] and not report.ok
+
+
+def test_a_prefixed_state_is_not_silently_ignored():
+    target = small_model()
+    prefixed = {f"module.{k}": v for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match="module.0.weight"):
+        load_strict(target, prefixed)
+    assert load_strict(target, strip_prefix(prefixed)).ok
+
+
+def test_read_reference_checkpoint_with_missing_classes(tmp_path, monkeypatch):
+    fake = types.ModuleType("reference_lib_vocab")
+
+    class Vocabulary:
+        def __init__(self):
+            self.word2idx = {"<pad>": 0, "dog": 4}
+
+    Vocabulary.__module__ = "reference_lib_vocab"
+    Vocabulary.__qualname__ = "Vocabulary"
+    fake.Vocabulary = Vocabulary
+    monkeypatch.setitem(sys.modules, "reference_lib_vocab", fake)
+    opt = argparse.Namespace(embed_size=16, vocab=Vocabulary(), data_name="f30k_precomp")
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 3, "model": [{"module.fc.weight": torch.ones(2, 2)}, {}], "opt": opt}, path)
+    monkeypatch.delitem(sys.modules, "reference_lib_vocab")  # the class can no longer be imported
+
+    checkpoint = read_reference_checkpoint(path)
+    assert checkpoint["epoch"] == 3 and checkpoint["opt"].embed_size == 16
+    stub = checkpoint["opt"].vocab
+    assert isinstance(stub, MissingClassStub) and stub.word2idx == {"<pad>": 0, "dog": 4}
+    assert "reference_lib_vocab.Vocabulary" in repr(stub)
+    assert torch.equal(checkpoint["model"][0]["module.fc.weight"], torch.ones(2, 2))
+
+
+def test_read_reference_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        read_reference_checkpoint(tmp_path / "nope.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list.pth: expected a checkpoint dict, found list"):
+        read_reference_checkpoint(tmp_path / "list.pth")
