@@ -2,25 +2,30 @@
 
 Methods whose score does not factorise (SCAN, SGRAF, CHAN, ESL, ...) supply
 ``score_block(images, captions) -> [bi, bc]`` over a block of images and a block of captions
-(an :class:`~itmkit.encoded.Encoded` each, padded, with lengths). The engine
+(an :class:`~itmkit.encoded.Encoded` each, padded, with lengths) and
+``pair_workspace_bytes(images, captions)``, the working memory one pair needs. The engine
 
-- sizes blocks so that ``bi * bc * pair_workspace_bytes`` stays under a memory budget
-  (``memory_budget`` bytes; default: a share of free device memory, or of RAM on the CPU),
-- trims each caption block to its longest caption (fewer padded words, same scores),
-- moves blocks to the device (optionally in fp16/bf16 on CUDA; off by default),
+- sorts captions by length (longest first) so each caption block carries little padding, and
+  writes results back in the original order,
+- plans blocks so that ``bi * bc * pair_workspace_bytes`` stays under a memory budget
+  (``memory_budget`` bytes; default: half the free CUDA memory, or a CPU budget sized for
+  allocation-free reuse, see :data:`DEFAULT_CPU_BUDGET`). Caption blocks grow as captions get
+  shorter: each block is sized for its own longest caption,
+- trims each caption block to its longest caption (same scores, fewer padded words),
+- moves blocks to the device (optionally in fp16/bf16 on CUDA; the method accumulates in fp32),
 - writes into a preallocated result: a tensor, or a memory-mapped ``.npy`` file when ``out``
   is a path, so a COCO 5K x 25K matrix never sits in RAM twice,
-- shows progress with tqdm.
+- shows progress with tqdm (in pairs).
 
-Captions are sorted by length before blocking so each block carries little padding; results
-are written back in the original order. Used in training (the ``[B, B]`` batch matrix for the
-hinge loss, one block, gradients flow) and evaluation (no grad).
+Used in training (the ``[B, B]`` batch matrix for the hinge loss; with gradients enabled the
+blocks are assembled differentiably) and evaluation (no grad, blocks written in place).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,11 +39,14 @@ from itmkit.encoded import Encoded
 if TYPE_CHECKING:
     from itmkit.models.base import MatchingModel
 
-DEFAULT_CPU_BUDGET = 1 << 30  # 1 GiB of block workspace on the CPU
+# Block workspace on the CPU. Measured with SCAN t2i at f30k shapes on a 2-core machine
+# (benchmarks/pairwise_engine.py): 64-512 MiB blocks all run near the GEMM limit; bigger blocks
+# only add memory. A quarter of the free RAM caps it on small machines.
+DEFAULT_CPU_BUDGET = 256 << 20
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes of block workspace: half the free CUDA memory, else min(1 GiB, a quarter of free RAM)."""
+    """Bytes of block workspace: half the free CUDA memory, else min(256 MiB, a quarter of free RAM)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
@@ -52,8 +60,8 @@ def default_memory_budget(device: torch.device) -> int:
 def block_sizes(n_img: int, n_cap: int, bytes_per_pair: int, budget: int) -> tuple[int, int]:
     """Block shape ``(bi, bc)`` with ``bi * bc * bytes_per_pair <= budget`` (at least 1 x 1).
 
-    Prefers wide caption blocks (all images of a block share one big product) and keeps the
-    two sides balanced so neither degenerates to a single row.
+    Keeps the two sides balanced (both sides of the method's big product stay wide) and gives
+    spare budget back to the image side when all captions fit in one block.
     """
     pairs = max(1, budget // max(1, bytes_per_pair))
     side = max(1, int(math.isqrt(pairs)))
@@ -64,6 +72,82 @@ def block_sizes(n_img: int, n_cap: int, bytes_per_pair: int, budget: int) -> tup
     return bi, bc
 
 
+@dataclass(frozen=True)
+class Block:
+    """One tile of the result: images ``img_start:img_stop`` x sorted captions ``cap_start:cap_stop``."""
+
+    img_start: int
+    img_stop: int
+    cap_start: int
+    cap_stop: int
+    bytes_per_pair: int
+
+    @property
+    def pairs(self) -> int:
+        return (self.img_stop - self.img_start) * (self.cap_stop - self.cap_start)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.pairs * self.bytes_per_pair
+
+
+def _shape_proxy(encoded: Encoded, steps: int | None, dtype: torch.dtype | None) -> Encoded:
+    """Shape-only stand-in (``meta`` tensors, no memory) of ``encoded`` trimmed to ``steps``
+    positions and cast to ``dtype``, for asking a model its per-pair workspace."""
+
+    def meta(t: Tensor, trim: bool) -> Tensor:
+        shape = list(t.shape)
+        if trim and steps is not None and t.dim() >= 3:
+            shape[1] = min(shape[1], steps)
+        cast = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        return torch.empty(shape, dtype=cast, device="meta")
+
+    full = encoded.feats.shape[1] if encoded.feats.dim() >= 3 else None
+    lengths = encoded.lengths
+    if lengths is not None and steps is not None:
+        lengths = lengths.clamp(max=steps)
+    extras = {k: meta(v, v.dim() >= 3 and v.shape[1] == full) for k, v in encoded.extras.items()}
+    return Encoded(meta(encoded.feats, True), lengths, extras)
+
+
+def plan_blocks(
+    model: "MatchingModel",
+    images: Encoded,
+    captions: Encoded,
+    budget: int,
+    compute_dtype: torch.dtype | None = None,
+    caption_lengths: Tensor | None = None,
+) -> list[Block]:
+    """Tiles covering ``[n_img, n_cap]`` with ``block.workspace_bytes <= budget`` (or 1 x 1 pair).
+
+    ``caption_lengths`` (sorted descending, the order the blocks index) lets each caption block
+    be sized for its own longest caption; without it every block is sized for the longest one.
+    The image block size is fixed by the longest caption (balanced split, :func:`block_sizes`).
+    """
+    n_img, n_cap = len(images), len(captions)
+    if n_img == 0 or n_cap == 0:
+        return []
+    image_proxy = _shape_proxy(images, None, compute_dtype)
+
+    def per_pair(steps: int | None) -> int:
+        return max(1, int(model.pair_workspace_bytes(image_proxy, _shape_proxy(captions, steps, compute_dtype))))
+
+    longest = None if caption_lengths is None else int(caption_lengths[0])
+    bi, bc_fixed = block_sizes(n_img, n_cap, per_pair(longest), budget)
+    blocks: list[Block] = []
+    start = 0
+    while start < n_cap:
+        if caption_lengths is None:
+            cost, bc = per_pair(None), bc_fixed
+        else:
+            cost = per_pair(int(caption_lengths[start]))
+            bc = max(1, budget // (bi * cost))
+        stop = min(n_cap, start + bc)
+        blocks.extend(Block(i, min(i + bi, n_img), start, stop, cost) for i in range(0, n_img, bi))
+        start = stop
+    return blocks
+
+
 def _allocate(out, shape: tuple[int, int]):
     if out is None:
         return torch.empty(shape, dtype=torch.float32)
@@ -72,8 +156,13 @@ def _allocate(out, shape: tuple[int, int]):
         path.parent.mkdir(parents=True, exist_ok=True)
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
     if tuple(out.shape) != shape:
-        raise ValueError(f"pairwise_similarity: out has shape {tuple(out.shape)}, expected {shape}")
+        raise ValueError(f"pairwise_similarity: out: expected shape {shape}, found {tuple(out.shape)}")
     return out
+
+
+def _tensor_bytes(encoded: Encoded) -> int:
+    tensors = [encoded.feats, *encoded.extras.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def pairwise_similarity(
@@ -93,60 +182,87 @@ def pairwise_similarity(
 
     Args:
         model: a pairwise :class:`MatchingModel`.
-        images, captions: encoded sets (any device; blocks are moved to ``device``).
+        images: encoded region sets ``[n_img, R, d]``; captions: word sets ``[n_cap, L, d]``
+            (any device; blocks are moved to ``device``).
         memory_budget: bytes of block workspace; ``None`` derives it from free memory.
         device: where blocks are scored; default: the device of ``images.feats``.
-        compute_dtype: ``torch.float16`` / ``torch.bfloat16`` to score blocks in reduced
-            precision (CUDA only; results are stored in fp32). ``None``: the inputs' dtype.
+        compute_dtype: ``torch.float16`` / ``torch.bfloat16`` to feed blocks in reduced
+            precision (CUDA only; methods accumulate in fp32; results are stored in fp32).
+            ``None``: the inputs' dtype.
         out: preallocated ``[n_img, n_cap]`` tensor/array, or a path for a memory-mapped
             ``.npy`` result. ``None`` allocates a tensor.
-        progress: show a tqdm bar over blocks.
+        progress: show a tqdm bar (pairs scored).
+        sort_captions: block captions by length (results are the same, faster).
 
     Returns:
-        The filled result. With gradients enabled and a single block (training), the
-        differentiable block output itself is returned.
+        The filled result. With gradients enabled and ``out=None`` (training) the blocks are
+        assembled into one differentiable tensor.
     """
     n_img, n_cap = len(images), len(captions)
     device = torch.device(device) if device is not None else images.feats.device
     if compute_dtype is not None and compute_dtype != torch.float32 and device.type != "cuda":
-        raise ValueError(f"compute_dtype={compute_dtype} is a CUDA option; on {device.type} use float32")
+        raise ValueError(
+            f"pairwise_similarity compute_dtype: expected float32 or None on {device.type} "
+            f"(reduced precision is a CUDA option), found {compute_dtype}"
+        )
 
     if sort_captions and captions.lengths is not None:
         order = torch.argsort(captions.lengths.cpu(), descending=True, stable=True)
-        sorted_caps = captions.select(order.to(captions.feats.device))
+        sorted_lengths = captions.lengths.cpu()[order]
     else:
-        order, sorted_caps = None, captions
+        order, sorted_lengths = None, None
 
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-    per_pair = model.pair_workspace_bytes(images, sorted_caps)
-    if compute_dtype is not None:
-        per_pair = per_pair * torch.empty((), dtype=compute_dtype).element_size() // 4
-    bi, bc = block_sizes(n_img, n_cap, per_pair, budget)
+    blocks = plan_blocks(model, images, captions, budget, compute_dtype, sorted_lengths)
 
-    if torch.is_grad_enabled() and bi >= n_img and bc >= n_cap and out is None:
-        # training: one block, keep the graph
-        block = model.score_block(images.to(device, compute_dtype), sorted_caps.to(device, compute_dtype))
-        return _unsort(block.float(), order)
+    def caption_block(start: int, stop: int) -> Encoded:
+        part = captions.slice(start, stop) if order is None else captions.select(order[start:stop])
+        return part.to(device, compute_dtype)
+
+    if torch.is_grad_enabled() and out is None:
+        return _differentiable(model, images, blocks, caption_block, order, device, compute_dtype, n_img)
 
     result = _allocate(out, (n_img, n_cap))
-    blocks = [(i, c) for c in range(0, n_cap, bc) for i in range(0, n_img, bi)]
-    cap_block = None
-    for i, c in tqdm(blocks, desc=desc, disable=not progress, unit="block"):
-        if cap_block is None or cap_block[0] != c:
-            # caption block moved once and reused for every image block
-            cap_block = (c, sorted_caps.slice(c, min(c + bc, n_cap)).to(device, compute_dtype))
-        img_block = images.slice(i, min(i + bi, n_img)).to(device, compute_dtype)
-        scores = model.score_block(img_block, cap_block[1]).float()
-        cols = slice(c, min(c + bc, n_cap))
-        if order is not None:
-            cols = order[c : min(c + bc, n_cap)]
-        if isinstance(result, np.ndarray):
-            result[i : i + scores.shape[0], cols.numpy() if isinstance(cols, Tensor) else cols] = scores.detach().cpu().numpy()
-        else:
-            result[i : i + scores.shape[0], cols] = scores.detach().to(result.device)
+    if n_img == 0 or n_cap == 0:
+        return result
+    # images go to the device once when they are small next to the budget, else per block
+    images_on_device = images if _tensor_bytes(images) > budget else images.to(device, compute_dtype)
+    current = None
+    with tqdm(total=n_img * n_cap, desc=desc, disable=not progress, unit="pair", unit_scale=True) as bar:
+        for block in blocks:
+            if current is None or current[0] != (block.cap_start, block.cap_stop):
+                # a caption block is gathered and moved once, then reused for every image block
+                current = ((block.cap_start, block.cap_stop), caption_block(block.cap_start, block.cap_stop))
+            img_block = images_on_device.slice(block.img_start, block.img_stop).to(device, compute_dtype)
+            scores = model.score_block(img_block, current[1]).detach().float()
+            rows = slice(block.img_start, block.img_stop)
+            cols = slice(block.cap_start, block.cap_stop) if order is None else order[block.cap_start : block.cap_stop]
+            if isinstance(result, np.ndarray):
+                result[rows, cols if isinstance(cols, slice) else cols.numpy()] = scores.cpu().numpy()
+            else:
+                result[rows, cols] = scores.to(result.device)
+            bar.update(block.pairs)
     if isinstance(result, np.memmap):
         result.flush()
     return result
+
+
+def _differentiable(model, images, blocks, caption_block, order, device, compute_dtype, n_img) -> Tensor:
+    """Training: score every block with the graph kept and assemble them (no in-place writes)."""
+    if not blocks:
+        return torch.zeros(n_img, 0 if order is None else len(order), device=device)
+    columns: list[Tensor] = []
+    cap_ranges = sorted({(b.cap_start, b.cap_stop) for b in blocks})
+    for cap_start, cap_stop in cap_ranges:
+        caps = caption_block(cap_start, cap_stop)
+        rows = [
+            model.score_block(images.slice(b.img_start, b.img_stop).to(device, compute_dtype), caps).float()
+            for b in blocks
+            if (b.cap_start, b.cap_stop) == (cap_start, cap_stop)
+        ]
+        columns.append(torch.cat(rows, 0))
+    full = torch.cat(columns, 1)
+    return _unsort(full, order)
 
 
 def _unsort(block: Tensor, order: Tensor | None) -> Tensor:
