@@ -335,6 +335,13 @@ ENSEMBLE_PRESETS: dict[str, tuple[str, str]] = {
 
 
 # --- checkpoint import (§7) ----------------------------------------------------------------------
+def _reference_parts(parts: list[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    if len(parts) != 2:
+        raise ValueError(f"SCAN checkpoint 'model': expected [img_enc, txt_enc], found {len(parts)} state dicts")
+    img, txt = (strip_prefix(dict(p)) for p in parts)
+    return img, txt
+
+
 def reference_state_to_itmkit(parts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """``[img_enc, txt_enc]`` reference state dicts -> one :class:`SCAN` state dict.
 
@@ -343,9 +350,7 @@ def reference_state_to_itmkit(parts: list[Mapping[str, Tensor]]) -> dict[str, Te
     vocabulary; SCAN never masks words, so that row is never read. A 0-dim ``fc.weight_g`` (torch
     2.x) and a ``[1, 1]``-shaped one (older torch) both load.
     """
-    if len(parts) != 2:
-        raise ValueError(f"SCAN checkpoint 'model': expected [img_enc, txt_enc], found {len(parts)} state dicts")
-    img, txt = (strip_prefix(dict(p)) for p in parts)
+    img, txt = _reference_parts(parts)
     state: dict[str, Tensor] = {}
     for key, value in img.items():
         if key == "fc.weight_g":
@@ -361,7 +366,7 @@ def reference_state_to_itmkit(parts: list[Mapping[str, Tensor]]) -> dict[str, Te
 def config_from_reference(parts: list[Mapping[str, Tensor]], opt: Any = None) -> SCANConfig:
     """Model config of a reference checkpoint: shapes from the state dicts, switches from ``opt``
     (the pickled ``argparse.Namespace``; missing fields take the parser defaults of §3.6)."""
-    img, txt = (strip_prefix(dict(p)) for p in parts)
+    img, txt = _reference_parts(parts)
     weight_key = "fc.weight_v" if "fc.weight_v" in img else "fc.weight"
     for name, part, key in (("img_enc", img, weight_key), ("txt_enc", txt, "embed.weight"), ("txt_enc", txt, "rnn.weight_ih_l0")):
         if key not in part:
