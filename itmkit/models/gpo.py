@@ -102,7 +102,9 @@ class GPO(nn.Module):
 
     def _parameter_key(self) -> tuple:
         params = tuple(self.parameters())
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        # A table computed under CUDA autocast is half precision: never reuse it outside.
+        autocast = torch.is_autocast_enabled(params[0].device.type)
+        return (autocast, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
 
     def _compute_table(self, max_len: int) -> Tensor:
         weight = self.linear.weight
