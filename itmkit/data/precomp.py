@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from itmkit.data.errors import DataFormatError
 
@@ -336,7 +337,7 @@ def split_size_bytes(root: Path, split: str) -> int:
     return sum((root / n).stat().st_size for n in names if (root / n).is_file())
 
 
-def verify_precomp(root: str | Path):
+def verify_precomp(root: str | Path, progress: bool = False):
     """Open every split of a precomp folder and summarise it, one row per split.
 
     Returns:
@@ -350,7 +351,7 @@ def verify_precomp(root: str | Path):
     root = Path(root)
     rows = []
     splits = list_splits(root)
-    for split in splits:
+    for split in tqdm(splits, desc="checking splits", disable=not progress, leave=False):
         row = {"split": split, "images": None, "captions": None, "im_div": None, "regions": None, "dim": None,
                "dtype": None, "size_mb": split_size_bytes(root, split) / 2**20, "boxes": None,
                "ids": None, "status": "ok", "problem": ""}
