@@ -120,7 +120,7 @@ class TextSelfAttention(nn.Module):
 
 def t2i_attention(
     regions: Tensor, words: Tensor, word_mask: Tensor, region_mask: Tensor | None = None,
-    smooth: float = ATTENTION_SMOOTH,
+    smooth: float = ATTENTION_SMOOTH, normalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """SGRAF's local alignment (§3.3 c) for every (image, caption) pair of a block.
 
@@ -131,6 +131,8 @@ def t2i_attention(
     Args:
         regions: ``[n, R, d]``; words: ``[c, L, d]`` with padded positions already zero;
         word_mask: ``[c, L]`` bool; region_mask: ``[n, R]`` bool or None (all valid).
+        normalise: False skips the final l2 norm (the caller fuses it, see
+            :func:`squared_difference_to_unit`).
 
     Returns:
         ``(attended [n, c, L, d], attention [n, c, R, L])`` (attention sums to 1 over ``R``).
@@ -139,14 +141,27 @@ def t2i_attention(
     c, L, _ = words.shape
     # one GEMM for the whole block: [n*R, d] x [d, c*L]
     scores = (regions.reshape(n * R, d) @ words.reshape(c * L, d).t()).view(n, R, c, L)
-    attention = attention_weights(
+    weights = attention_weights(
         scores, "clipped_l2norm", smooth, query_dim=3, context_dim=1,
         query_mask=word_mask[None, None],
         context_mask=None if region_mask is None else region_mask[:, :, None, None],
-    ).permute(0, 2, 1, 3)  # [n, c, R, L]
-    # per image: [c*L, R] x [R, d]
-    attended = torch.bmm(attention.transpose(2, 3).reshape(n, c * L, R), regions).view(n, c, L, d)
-    return l2norm(attended, dim=-1, eps=NORM_EPS), attention
+    )  # [n, R, c, L]
+    del scores
+    # per image: [c*L, R] x [R, d]; the transposed view goes to BLAS without a copy
+    attended = torch.bmm(weights.view(n, R, c * L).transpose(1, 2), regions).view(n, c, L, d)
+    attention = weights.permute(0, 2, 1, 3)
+    return (l2norm(attended, dim=-1, eps=NORM_EPS) if normalise else attended), attention
+
+
+def squared_difference_to_unit(attended: Tensor, words: Tensor) -> Tensor:
+    """``(attended / (||attended|| + eps) - words)^2`` for ``attended [n, c, L, d]``, ``words [c, L, d]``.
+
+    Without autograd the huge ``[n, c, L, d]`` tensor is updated in place (one buffer instead of
+    three, which is what bounds block sizes); with autograd the same maths out of place."""
+    norm = torch.linalg.vector_norm(attended, dim=-1, keepdim=True) + NORM_EPS
+    if torch.is_grad_enabled():
+        return (attended / norm - words[None]).square()
+    return attended.div_(norm).sub_(words[None]).square_()
 
 
 class GraphReasoning(nn.Module):
@@ -164,10 +179,18 @@ class GraphReasoning(nn.Module):
         [..., P', s], edges [..., P', P])`` for the query nodes ``queries`` (all by default;
         ``slice(0, 1)`` computes only the read-out node 0, which is all the last step needs).
 
-        Padded nodes neither send (their key logit is -inf) nor receive (their output is 0)."""
-        query = self.graph_query_w(nodes[..., queries, :])
-        key = self.graph_key_w(nodes)
-        edges = _masked_softmax(query @ key.transpose(-1, -2), node_mask[..., None, :], dim=-1)
+        Padded nodes neither send (their key logit is -inf) nor receive (their output is 0).
+
+        The edge logits ``(W_q x_i + b_q) . (W_k x_j + b_k)`` are computed as
+        ``(x_i M + u) . x_j`` with ``M = W_qᵀ W_k`` and ``u = W_kᵀ b_q``: the dropped terms
+        ``x_i . W_qᵀ b_k + b_q . b_k`` are the same for every key ``j`` of query ``i`` and cancel in
+        the softmax. Same edges (to rounding), one ``[s, s]`` product per node instead of two.
+        """
+        mixed = self.graph_query_w.weight.t() @ self.graph_key_w.weight  # M [s, s]
+        offset = self.graph_key_w.weight.t() @ self.graph_query_w.bias  # u [s]
+        query = torch.addmm(offset, nodes[..., queries, :].reshape(-1, nodes.shape[-1]), mixed)
+        query = query.view(*nodes.shape[:-2], -1, nodes.shape[-1])
+        edges = _masked_softmax(query @ nodes.transpose(-1, -2), node_mask[..., None, :], dim=-1)
         out = torch.relu(self.sim_graph_w(edges @ nodes))
         out = out.masked_fill(~node_mask[..., queries, None], 0.0)
         return out, edges
@@ -280,10 +303,10 @@ class SimilarityEncoder(nn.Module):
         """§3.3 c-d: the similarity graph nodes ``[n, c, L+1, s]`` (node 0 global, nodes 1.. the
         words; padded words give zero nodes)."""
         words = words.masked_fill(~word_mask[..., None], 0.0)
-        attended, attention = t2i_attention(regions, words, word_mask, region_mask, self.smooth)
-        # (ctx - w)^2 computed in place on the big [n, c, L, d] tensor to halve its peak memory
-        diff = attended.sub_(words[None]).square_()
-        local = l2norm(self.sim_tranloc_w(diff), dim=-1, eps=NORM_EPS)
+        attended, attention = t2i_attention(regions, words, word_mask, region_mask, self.smooth, normalise=False)
+        local = self.sim_tranloc_w(squared_difference_to_unit(attended, words))
+        del attended
+        local = l2norm(local, dim=-1, eps=NORM_EPS)
         glob_diff = (image_global[:, None, :] - caption_global[None, :, :]).square()
         glob = l2norm(self.sim_tranglo_w(glob_diff), dim=-1, eps=NORM_EPS)
         nodes = torch.cat([glob[:, :, None, :], local], dim=2)
