@@ -358,7 +358,7 @@ def test_backward_runs_and_reaches_every_parameter():
             if name.endswith(("graph_key_w.bias", "embedding_common.0.bias")):
                 # these biases add the same logit to every entry of a softmax and cancel in it, so
                 # their gradient is exactly 0 in the reference too (the key bias is never computed)
-                assert p.grad is None or torch.all(p.grad == 0), name
+                assert p.grad is None or p.grad.abs().max() < 1e-6, name  # 0 up to fp32 rounding
                 continue
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
