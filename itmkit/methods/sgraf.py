@@ -26,6 +26,8 @@ from torch import Tensor
 
 from itmkit.checkpoints import compare_state_dicts, opt_value, read_reference_checkpoint, strip_prefix
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
+from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models.base import MatchingModel
@@ -204,14 +206,17 @@ def paper_preset(dataset: Literal["f30k", "coco"], module: Literal["SGR", "SAF"]
     )
 
 
-# Embedded sets (itmkit.data.embedded): region count and feature size of each preset.
-EMBEDDED_SHAPES: dict[str, tuple[int, int]] = {"tiny": (12, 64), "course": (12, 256)}
+def embedded_shape(embedded: str) -> tuple[int, int]:
+    """``(n_regions, feature_dim)`` of an embedded set preset, from the data module's own settings
+    (VisualSA's BatchNorm needs the exact region count)."""
+    preset = EMBEDDED_PRESETS[embedded]
+    return preset.n_regions, preset.feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
 
 
 def course_preset(module: Literal["SGR", "SAF"] = "SGR", embedded: Literal["tiny", "course"] = "course") -> RunConfig:
     """CPU-sized SGRAF (sgraf.md §9) on an embedded set: d = 64, s = 16, word_dim 32, batch 32,
     lr 1e-3 (the synthetic signal is weak at 2e-4, §9), decay at ~2/3 of the epochs."""
-    n_regions, feature_dim = EMBEDDED_SHAPES[embedded]
+    n_regions, feature_dim = embedded_shape(embedded)
     epochs = 10 if embedded == "course" else 2
     return RunConfig(
         method="sgraf",
