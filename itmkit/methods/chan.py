@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models import coding
@@ -232,7 +233,8 @@ def _paper(dataset: Literal["f30k", "coco"], text: Literal["bigru", "bert"]) -> 
         # the reference initialises from GloVe 840B (not available offline): Xavier init here
         TextConfig(kind="bigru", word_dim=300)
         if bigru
-        else TextConfig(kind="hf", hf_path="bert-base-uncased")
+        # hf_path None = the offline MiniLM; point it at a local bert-base-uncased for the paper
+        else TextConfig(kind="hf", hf_path=None)
     )
     train = TrainConfig(
         epochs=25,
@@ -263,7 +265,9 @@ def _course() -> RunConfig:
     VHA + LSE(0.1), margin 0.05, batch 64, 12 epochs with decay at 8."""
     return RunConfig(
         method="chan",
-        model=CHANConfig(embed_size=64, img_dim=1280, image_encoder="selfattention", attention_heads=8),
+        model=CHANConfig(
+            embed_size=64, img_dim=EMBEDDED_PRESETS["course"].feature_dim, image_encoder="selfattention", attention_heads=8
+        ),
         text=TextConfig(kind="bigru", word_dim=32),
         data=DataConfig(embedded_preset="course", region_drop=0.2, caption_augment=True),
         train=TrainConfig(
@@ -283,7 +287,9 @@ def _course() -> RunConfig:
 def _smoke() -> RunConfig:
     """Every code path on the embedded ``tiny`` set in seconds; numbers are not judged."""
     cfg = _course()
-    cfg.model = CHANConfig(embed_size=32, img_dim=cfg.model.img_dim, image_encoder="selfattention", attention_heads=4)
+    cfg.model = CHANConfig(
+        embed_size=32, img_dim=EMBEDDED_PRESETS["tiny"].feature_dim, image_encoder="selfattention", attention_heads=4
+    )
     cfg.text = TextConfig(kind="bigru", word_dim=16)
     cfg.data = DataConfig(embedded_preset="tiny", region_drop=0.2, caption_augment=True)
     cfg.train.epochs = 2
