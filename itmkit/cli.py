@@ -1,0 +1,230 @@
+"""The ``itmkit`` command (also ``python -m itmkit``): train, evaluate, ensemble, data tools.
+
+    itmkit methods                                   registered methods and their presets
+    itmkit presets vse_infty [course]                a preset's full config as JSON
+    itmkit train --method vse_infty --preset course [--data DIR] [--out DIR] [--set train.epochs=3]
+    itmkit eval runs/x/model_best.pt [--data DIR] [--split test] [--protocol coco-5fold-1k] [--out DIR]
+    itmkit ensemble a/sims.npy b/sims.npy --protocol coco-5fold-1k coco-5k [--weights 1 1]
+    itmkit data verify DIR                           check a precomp folder, one row per split
+    itmkit data build-embedded --preset course       build (or find) the embedded data set
+
+Every subcommand has ``--help``. Errors print one line naming what was wrong and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``: values are JSON when they parse
+    (numbers, true/false, null, lists), otherwise strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _print_table(frame: pd.DataFrame) -> None:
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
+        print(frame.to_string(index=False))
+
+
+# --- subcommands ---------------------------------------------------------------------------
+def cmd_methods(args) -> int:
+    from itmkit.methods.registry import available_methods, get_method
+
+    for name in available_methods():
+        try:
+            spec = get_method(name)
+        except Exception as err:  # a broken or unwritten method file only breaks its own entry
+            print(f"{name}\n  unavailable: {type(err).__name__}: {err}\n")
+            continue
+        print(f"{name}  ({spec.spec})" if spec.spec else name)
+        if spec.description:
+            print(f"  {spec.description}")
+        print(f"  presets: {', '.join(spec.presets)}\n")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from itmkit.methods.registry import get_method
+
+    spec = get_method(args.method)
+    if args.preset is None:
+        print("\n".join(spec.presets))
+        return 0
+    print(spec.preset(args.preset).to_json())
+    return 0
+
+
+def build_run_config(args):
+    from itmkit.config import replace_nested
+    from itmkit.methods.registry import get_method
+
+    cfg = get_method(args.method).preset(args.preset)
+    overrides = dict(parse_override(item) for item in args.set or [])
+    if args.data is not None:
+        overrides["data.data_dir"] = str(args.data)
+    if args.seed is not None:
+        overrides["train.seed"] = args.seed
+    if args.device is not None:
+        overrides["train.device"] = args.device
+    for key, value in overrides.items():
+        try:
+            cfg = replace_nested(cfg, {key: value})
+        except KeyError as err:  # name the whole dotted key the user typed
+            raise KeyError(f"--set {key}={value!r}: {err.args[0] if err.args else err}") from None
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from itmkit.train.trainer import train
+
+    cfg = build_run_config(args)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.preset}"
+    print(f"training {cfg.method} ({cfg.preset}) into {out}", file=sys.stderr)
+    result = train(cfg, out, resume=not args.no_resume, progress=not args.quiet, max_steps=args.max_steps)
+    if not result.finished:
+        print(f"stopped after --max-steps; resume with the same command. Checkpoint: {out / 'checkpoint.pt'}")
+        return 0
+    print(f"best dev rsum {result.best_rsum:.2f} at epoch {result.best_epoch}; model: {result.checkpoint}")
+    if result.test_metrics is not None:
+        from itmkit.evaluate.protocols import summary_rows
+
+        _print_table(summary_rows(result.test_metrics))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from itmkit.evaluate.evaluator import evaluate_model
+    from itmkit.runs import load_run, resolve_checkpoint
+    from itmkit.train.trainer import resolve_data_dir
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, cfg, pipeline = load_run(ckpt, device=args.device)
+    data_dir = Path(args.data) if args.data is not None else resolve_data_dir(cfg)
+    out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
+    result = evaluate_model(model, data_dir, args.split, pipeline, protocol=args.protocol, out_dir=out,
+                            batch_size=args.batch_size, max_captions=args.max_captions,
+                            progress=not args.quiet)  # fmt: skip
+    _print_table(result.summary)
+    print(f"saved metrics.csv, metrics.json and sims.npy in {out}")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from itmkit.evaluate.ensemble import evaluate_ensemble
+
+    result = evaluate_ensemble(args.sims, protocols=args.protocol, weights=args.weights, out_dir=args.out,
+                               allow_pickle=args.allow_pickle)  # fmt: skip
+    _print_table(result.summary)
+    if args.out:
+        print(f"saved metrics.csv, metrics.json and sims.npy in {args.out}")
+    return 0
+
+
+def cmd_data_verify(args) -> int:
+    from itmkit.data.precomp import verify_precomp
+
+    table = verify_precomp(args.folder)
+    _print_table(table)
+    return 0 if (table["status"] == "ok").all() else 1
+
+
+def cmd_data_build_embedded(args) -> int:
+    from itmkit.data.embedded import embedded_dataset
+
+    folder = embedded_dataset(preset=args.preset, seed=args.seed, root=args.root, force=args.force)
+    print(folder)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from itmkit.evaluate.protocols import PROTOCOLS
+
+    parser = argparse.ArgumentParser(prog="itmkit", description="Fine-grained image-text matching: train, "
+                                     "evaluate and ensemble methods on SCAN precomp data.")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("methods", help="list registered methods and their presets")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("presets", help="list a method's presets, or print one as JSON")
+    p.add_argument("method")
+    p.add_argument("preset", nargs="?")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("train", help="train a method (resumes an existing run directory)")
+    p.add_argument("--method", required=True, help="registered method name (see `itmkit methods`)")
+    p.add_argument("--preset", default="course", help="preset name: smoke, course, paper, ... (default course)")
+    p.add_argument("--data", help="precomp folder (default: the preset's; embedded set when none)")
+    p.add_argument("--out", help="run directory (default runs/<method>-<preset>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable: train.epochs=3")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (checkpointed; run again to resume)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (model_best.pt or a run directory)")
+    p.add_argument("checkpoint", help="model_best.pt / checkpoint.pt or a run directory")
+    p.add_argument("--data", help="precomp folder (default: the run's data)")
+    p.add_argument("--split", default="test", help="split name: test, testall, dev (default test)")
+    p.add_argument("--protocol", nargs="+", choices=sorted(PROTOCOLS),
+                   help="default: coco-5fold-1k and coco-5k for testall, else test (whole matrix)")
+    p.add_argument("--out", help="output folder (default <checkpoint folder>/eval-<split>)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-captions", type=int, help="only the first N captions (dev validation uses 5000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ensemble", help="average saved similarity matrices (sims.npy) and evaluate")
+    p.add_argument("sims", nargs="+", help="two or more sims.npy files over the same split")
+    p.add_argument("--protocol", nargs="+", default=["test"], choices=sorted(PROTOCOLS))
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per matrix (default equal)")
+    p.add_argument("--out", help="folder for the ensemble's metrics and sims.npy")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read the references' pickled {'npts', 'sims'} files (only files you trust)")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("data", help="data tools: verify, build-embedded")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    q = data_sub.add_parser("verify", help="check every split of a precomp folder")
+    q.add_argument("folder")
+    q.set_defaults(func=cmd_data_verify)
+    q = data_sub.add_parser("build-embedded", help="build (or reuse) the embedded data set and print its folder")
+    q.add_argument("--preset", default="course", choices=["tiny", "course"])
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--root", help="parent folder (default the itmkit cache)")
+    q.add_argument("--force", action="store_true", help="rebuild even if a complete copy exists")
+    q.set_defaults(func=cmd_data_build_embedded)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"itmkit {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The ``itmkit`` command: train -> eval -> ensemble end to end on a synthetic precomp folder."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from itmkit.cli import main, parse_override
+from itmkit.evaluate.synthetic_precomp import write_synthetic_precomp
+
+TINY = ["--set", "model.img_dim=8", "--set", "model.embed_size=16", "--set", "text.word_dim=8",
+        "--set", "train.epochs=1", "--set", "train.batch_size=32", "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_synthetic_precomp(tmp_path_factory.mktemp("precomp"), {"train": 20, "dev": 10, "test": 10})
+
+
+def test_parse_override():
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)
+    assert parse_override("train.lr_decay_epochs=[2, 4]") == ("train.lr_decay_epochs", [2, 4])
+    assert parse_override("text.kind=hf") == ("text.kind", "hf")
+    assert parse_override("data.dev_max_captions=null") == ("data.dev_max_captions", None)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_override("train.epochs")
+
+
+def test_methods_and_presets(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "vse_infty" in out and "course" in out
+    assert main(["presets", "vse_infty", "smoke"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "vse_infty"
+
+
+def test_train_eval_ensemble(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--method", "vse_infty", "--preset", "smoke", "--data", str(data_dir), "--out", str(run), *TINY]
+    assert main(args) == 0
+    assert "best dev rsum" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["embed_size"] == 16 and config["data"]["data_dir"] == str(data_dir)
+
+    # eval with the checkpoint alone (config + vocabulary inside), into a chosen folder
+    assert main(["eval", str(run / "model_best.pt"), "--data", str(data_dir), "--out", str(tmp_path / "ev"),
+                 "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+    metrics = pd.read_csv(tmp_path / "ev" / "metrics.csv")
+    test_metrics = pd.read_csv(run / "test_metrics.csv")
+    assert metrics["rsum"].iloc[0] == pytest.approx(test_metrics["rsum"].iloc[0])
+
+    # ensemble of the model with itself = the model
+    sims = str(tmp_path / "ev" / "sims.npy")
+    assert main(["ensemble", sims, sims, "--protocol", "test", "--out", str(tmp_path / "ens")]) == 0
+    ens = pd.read_csv(tmp_path / "ens" / "metrics.csv")
+    assert ens["rsum"].iloc[0] == pytest.approx(metrics["rsum"].iloc[0])
+    np.testing.assert_allclose(np.load(tmp_path / "ens" / "sims.npy"), np.load(sims), rtol=1e-6)
+
+    # re-running the same train command does not retrain
+    stamp = (run / "model_best.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (run / "model_best.pt").stat().st_mtime_ns == stamp
+
+
+def test_clear_errors(data_dir, tmp_path, capsys):
+    assert main(["train", "--method", "vse_infty", "--preset", "smoke", "--set", "train.nope=1"]) == 1
+    assert "train.nope" in capsys.readouterr().err
+    assert main(["train", "--method", "no_such_method"]) == 1
+    assert "registered" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt" in capsys.readouterr().err
+    a = tmp_path / "a.npy"
+    np.save(a, np.zeros((2, 10), dtype=np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((3, 15), dtype=np.float32))
+    assert main(["ensemble", str(a), str(tmp_path / "b.npy")]) == 1
+    assert "expected shape (2, 10)" in capsys.readouterr().err
+
+
+def test_data_verify(data_dir, tmp_path, capsys):
+    assert main(["data", "verify", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "ok" in out
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    np.save(broken / "test_ims.npy", np.zeros((2, 3, 4), dtype=np.float32))
+    (broken / "test_caps.txt").write_text("a\nb\nc\n")
+    assert main(["data", "verify", str(broken)]) == 1
+    assert "error" in capsys.readouterr().out
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "itmkit", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for command in ("train", "eval", "ensemble", "methods", "data"):
+        assert command in done.stdout
