@@ -167,6 +167,21 @@ def test_corrupt_input_raises_data_format_error(tmp_path, case):
     assert caught.value.path.name == file_name
 
 
+@pytest.mark.parametrize("im_div", [5, 1])
+def test_pickled_split_reopens_its_rows_instead_of_copying(tmp_path, im_div):
+    import pickle
+
+    feats = write_split(tmp_path, "testall", n_img=10, k=6, d=50, im_div=im_div, ids="caption" if im_div == 1 else "image")
+    fold = PrecompSplit.open(tmp_path, "testall").fold(3, images_per_fold=2)
+    data = pickle.dumps(fold)
+    assert len(data) < fold.images.nbytes  # the features are not in the pickle
+    again = pickle.loads(data)
+    assert isinstance(again.images, np.memmap) and again.image_range == (6, 8)
+    np.testing.assert_array_equal(again.image_block(0, 2), feats[6:8])
+    np.testing.assert_array_equal(again.boxes, fold.boxes)
+    assert again.captions == fold.captions and again.image_ids.tolist() == fold.image_ids.tolist()
+
+
 def test_error_message_names_all_four_parts():
     err = DataFormatError("/x/train_caps.txt", "line 3", "a non-empty caption", "an empty line")
     assert str(err) == "/x/train_caps.txt: line 3: expected a non-empty caption, found an empty line"

@@ -279,6 +279,24 @@ class PrecompSplit:
             )
         return self.subset(fold * images_per_fold, (fold + 1) * images_per_fold)
 
+    def __getstate__(self) -> dict:
+        # Pickling a memmap copies its data: DataLoader workers started with "spawn" (macOS,
+        # Windows) would each receive the whole array. Send the rows' location instead.
+        state = dict(self.__dict__)
+        state["images"] = state["boxes"] = None
+        state["has_boxes"] = self.boxes is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        has_boxes = state.pop("has_boxes")
+        self.__dict__.update(state)
+        first, stop = self.image_range
+        step = CAPTIONS_PER_IMAGE // self.im_div
+        rows = slice(first * step, stop * step)
+        self.__dict__["images"] = load_array(self.root / f"{self.split}_ims.npy", "region features")[rows]
+        if has_boxes:
+            self.__dict__["boxes"] = load_array(self.root / f"{self.split}_boxes.npy", "boxes")[rows]
+
     def __repr__(self) -> str:
         return (
             f"PrecompSplit({str(self.root)!r}, {self.split!r}, images={self.n_images}, captions={self.n_captions}, "
