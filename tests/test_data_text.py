@@ -162,6 +162,13 @@ def test_word_id_pipeline_test_time_and_mask(small_vocab):
         seen.update(out)
     assert pipe.mask_id in seen
     assert pipe.decode([1, 8, 2]) == ["<start>", "<mask>", "<end>"]
+    first = pipe.encode("a dog")
+    first.append(99)  # callers may modify what they get; the cache must not change
+    assert pipe.encode("a dog") == [1, 4, 5, 2]
+    import pickle
+
+    again = pickle.loads(pickle.dumps(pipe))
+    assert again.encode("A dog runs.") == pipe.encode("A dog runs.") and again.vocab_size == 9
 
 
 @pytest.fixture(scope="module")

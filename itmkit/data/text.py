@@ -13,6 +13,7 @@ Two kinds (baselines.md §A.2, §A.5, §B.3):
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -54,18 +55,34 @@ class WordIdPipeline:
 
     pad_id = Vocabulary.PAD
 
-    def __init__(self, vocab: Vocabulary) -> None:
+    def __init__(self, vocab: Vocabulary, cache_size: int = 200_000) -> None:
         self.vocab = vocab
         self.mask_id = len(vocab)
         self.vocab_size: int | None = len(vocab) + 1
+        self.cache_size = cache_size
+        self._make_cache()
+
+    def _make_cache(self) -> None:
+        # nltk tokenisation costs ~0.5 ms a caption, the same captions come back every epoch,
+        # and augmentation acts on the ids afterwards: cache the test-time ids per caption.
+        self._cached_ids = lru_cache(maxsize=self.cache_size)(lambda caption: tuple(self.vocab.encode(caption)))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_cached_ids"]  # a cache of a lambda does not pickle (spawned loader workers)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_cache()
 
     def tokens(self, caption: str) -> list[str]:
         return ["<start>", *word_tokenize(caption), "<end>"]
 
     def encode(self, caption: str, rng: np.random.Generator | None = None) -> list[int]:
-        ids = self.vocab.encode(caption)
+        ids = self._cached_ids(caption)
         if rng is None:
-            return ids
+            return list(ids)
         return augment_word_ids(ids, rng, mask_id=self.mask_id, n_ids=self.vocab_size)
 
     def decode(self, ids: list[int]) -> list[str]:
