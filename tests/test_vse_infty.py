@@ -10,6 +10,7 @@ import torch
 from itmkit.checkpoints import CheckpointMismatchError
 from itmkit.config import TextConfig
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
+from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
 from itmkit.losses import hinge_triplet_loss
 from itmkit.methods import vse_infty
 from itmkit.methods.registry import get_method
@@ -356,8 +357,9 @@ def test_paper_presets_follow_the_recipe_table(name):
 def test_cpu_presets_fit_the_embedded_sets():
     course, smoke = METHOD.preset("course"), METHOD.preset("smoke")
     assert course.data.embedded_preset == "course" and smoke.data.embedded_preset == "tiny"
-    assert course.model.img_dim == EMBEDDED_PRESETS["course"].feature_dim
-    assert smoke.model.img_dim == EMBEDDED_PRESETS["tiny"].feature_dim
+    for cfg, name in ((course, "course"), (smoke, "tiny")):
+        expected = EMBEDDED_PRESETS[name].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
+        assert cfg.model.img_dim == expected
     assert course.text.kind == smoke.text.kind == "bigru"
     assert 64 <= course.model.embed_size <= 128 and 64 <= course.train.batch_size <= 128
     model = METHOD.build(smoke, 40)

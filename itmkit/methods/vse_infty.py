@@ -29,6 +29,7 @@ from itmkit.checkpoints import (
 )
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
+from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models.base import MatchingModel
@@ -149,6 +150,12 @@ def build(run_cfg: RunConfig, vocab_size: int | None) -> VSEInfty:
 # ----------------------------------------------------------------------------- presets
 
 
+def embedded_feature_dim(name: str) -> int:
+    """Region feature size ``D`` of the embedded set ``name`` (``None`` in its preset = the
+    default extractor's own size), so the CPU presets follow the data layer's settings."""
+    return EMBEDDED_PRESETS[name].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
+
+
 def _shipped_vocab(dataset: str) -> str | None:
     """The real SCAN vocabulary of ``dataset`` when present (the reference trains with it)."""
     path = scan_text_dir() / "vocab" / f"{dataset}_precomp_vocab.json"
@@ -205,7 +212,7 @@ def course_preset() -> RunConfig:
     features) on a 2-core CPU in about a minute: d = 128, BiGRU word_dim 64, batch 64, 12 epochs."""
     return RunConfig(
         method="vse_infty",
-        model=VSEInftyConfig(embed_size=128, img_dim=EMBEDDED_PRESETS["course"].feature_dim),
+        model=VSEInftyConfig(embed_size=128, img_dim=embedded_feature_dim("course")),
         text=TextConfig(kind="bigru", word_dim=64),
         data=DataConfig(embedded_preset="course", region_drop=0.2, caption_augment=True),
         train=TrainConfig(
@@ -226,7 +233,7 @@ def smoke_preset() -> RunConfig:
     """Every code path on the embedded ``tiny`` set in seconds; numbers are not judged."""
     return RunConfig(
         method="vse_infty",
-        model=VSEInftyConfig(embed_size=32, img_dim=EMBEDDED_PRESETS["tiny"].feature_dim),
+        model=VSEInftyConfig(embed_size=32, img_dim=embedded_feature_dim("tiny")),
         text=TextConfig(kind="bigru", word_dim=16),
         data=DataConfig(embedded_preset="tiny"),
         train=TrainConfig(
