@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
+from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models import coding
@@ -260,13 +261,18 @@ def _paper(dataset: Literal["f30k", "coco"], text: Literal["bigru", "bert"]) -> 
     )
 
 
+def _embedded_feature_dim(name: str) -> int:
+    """Region feature size of the embedded set ``name`` (None in its preset = the extractor's own)."""
+    return EMBEDDED_PRESETS[name].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
+
+
 def _course() -> RunConfig:
     """§9 sized for the embedded ``course`` set: d 64, self-attention (8 heads), BiGRU word_dim 32,
     VHA + LSE(0.1), margin 0.05, batch 64, 12 epochs with decay at 8."""
     return RunConfig(
         method="chan",
         model=CHANConfig(
-            embed_size=64, img_dim=EMBEDDED_PRESETS["course"].feature_dim, image_encoder="selfattention", attention_heads=8
+            embed_size=64, img_dim=_embedded_feature_dim("course"), image_encoder="selfattention", attention_heads=8
         ),
         text=TextConfig(kind="bigru", word_dim=32),
         data=DataConfig(embedded_preset="course", region_drop=0.2, caption_augment=True),
@@ -288,7 +294,7 @@ def _smoke() -> RunConfig:
     """Every code path on the embedded ``tiny`` set in seconds; numbers are not judged."""
     cfg = _course()
     cfg.model = CHANConfig(
-        embed_size=32, img_dim=EMBEDDED_PRESETS["tiny"].feature_dim, image_encoder="selfattention", attention_heads=4
+        embed_size=32, img_dim=_embedded_feature_dim("tiny"), image_encoder="selfattention", attention_heads=4
     )
     cfg.text = TextConfig(kind="bigru", word_dim=16)
     cfg.data = DataConfig(embedded_preset="tiny", region_drop=0.2, caption_augment=True)
