@@ -356,13 +356,14 @@ def test_cnn_region_features_carry_colour_shape_and_size(tiny_cnn):
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
+    # measured on seed 0: colour 0.70 (chance 0.12), shape 0.99 (0.14), size 0.88 (0.5)
     for attribute, floor in {"colour": 0.45, "shape": 0.7, "size": 0.7}.items():
         labels = sorted(set(y_train[attribute]))
         centroids = unit(np.stack([unit(x_train[y_train[attribute] == lab]).mean(0) for lab in labels]))
         predicted = np.array(labels)[np.argmax(unit(x_test) @ centroids.T, axis=1)]
         accuracy = float(np.mean(predicted == y_test[attribute]))
         chance = 1 / len(labels)
-        assert accuracy >= max(floor, 2.5 * chance), f"{attribute}: accuracy {accuracy:.2f}, chance {chance:.2f}"
+        assert accuracy >= floor, f"{attribute}: accuracy {accuracy:.2f}, chance {chance:.2f}"
 
 
 def test_36_regions_of_2048_dims_work(tmp_path):
