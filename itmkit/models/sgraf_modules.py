@@ -43,10 +43,19 @@ def xavier_init_(module: nn.Module) -> None:
 
 
 def _masked_softmax(logits: Tensor, mask: Tensor | None, dim: int) -> Tensor:
-    """Softmax over ``dim`` where ``mask`` (broadcastable, True = valid) removes entries entirely."""
+    """Softmax over ``dim`` where ``mask`` (broadcastable, True = valid) removes entries entirely.
+
+    Overwrites ``logits`` (callers pass a fresh product whose backward does not need it): an
+    out-of-place fill would copy the whole ``[n, c, P, P]`` edge tensor once more."""
     if mask is None:
         return torch.softmax(logits, dim=dim)
-    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=dim)
+    return torch.softmax(logits.masked_fill_(~mask, float("-inf")), dim=dim)
+
+
+def _zero_padded(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with positions where ``mask`` (broadcastable) is False set to 0; in place when no
+    gradient is recorded (``x`` may be an activation whose backward needs it otherwise)."""
+    return x.masked_fill_(~mask, 0.0) if not torch.is_grad_enabled() else x.masked_fill(~mask, 0.0)
 
 
 class VisualSelfAttention(nn.Module):
@@ -186,14 +195,17 @@ class GraphReasoning(nn.Module):
         ``x_i . W_qᵀ b_k + b_q . b_k`` are the same for every key ``j`` of query ``i`` and cancel in
         the softmax. Same edges (to rounding), one ``[s, s]`` product per node instead of two.
         """
+        lead, (P, s) = nodes.shape[:-2], nodes.shape[-2:]
+        flat = nodes.reshape(-1, P, s)  # one [P, s] graph per pair
         mixed = self.graph_query_w.weight.t() @ self.graph_key_w.weight  # M [s, s]
         offset = self.graph_key_w.weight.t() @ self.graph_query_w.bias  # u [s]
-        query = torch.addmm(offset, nodes[..., queries, :].reshape(-1, nodes.shape[-1]), mixed)
-        query = query.view(*nodes.shape[:-2], -1, nodes.shape[-1])
-        edges = _masked_softmax(query @ nodes.transpose(-1, -2), node_mask[..., None, :], dim=-1)
-        out = torch.relu(self.sim_graph_w(edges @ nodes))
-        out = out.masked_fill(~node_mask[..., queries, None], 0.0)
-        return out, edges
+        query = torch.addmm(offset, flat[:, queries].reshape(-1, s), mixed).view(flat.shape[0], -1, s)
+        # explicit bmm on [pairs, P, s] views: batched matmul of 4-D operands copies them first
+        logits = torch.bmm(query, flat.transpose(1, 2)).view(*lead, -1, P)
+        edges = _masked_softmax(logits, node_mask[..., None, :], dim=-1)
+        messages = torch.bmm(edges.reshape(-1, edges.shape[-2], P), flat).view(*lead, -1, s)
+        out = torch.relu(self.sim_graph_w(messages))
+        return _zero_padded(out, node_mask[..., queries, None]), edges
 
 
 class AttentionFiltration(nn.Module):
@@ -310,7 +322,7 @@ class SimilarityEncoder(nn.Module):
         glob_diff = (image_global[:, None, :] - caption_global[None, :, :]).square()
         glob = l2norm(self.sim_tranglo_w(glob_diff), dim=-1, eps=NORM_EPS)
         nodes = torch.cat([glob[:, :, None, :], local], dim=2)
-        nodes = nodes.masked_fill(~self.node_mask(word_mask)[None, :, :, None], 0.0)
+        nodes = _zero_padded(nodes, self.node_mask(word_mask)[None, :, :, None])
         if details is not None:
             details["attention"] = attention
             details["nodes"] = nodes
