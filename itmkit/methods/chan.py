@@ -207,6 +207,31 @@ class CHAN(MatchingModel):
         return coding.hard_assignment_regions(images.feats, images.mask, captions.feats, captions.mask)
 
 
+@torch.no_grad()
+def pair_alignment(model: CHAN, regions, token_ids, smooth: float = 9.0) -> dict[str, Tensor]:
+    """How one caption aligns with one image, soft and hard, for figures (chan.md §2).
+
+    ``regions [K, D]`` raw region features of the image, ``token_ids`` the caption's ids (as the
+    text pipeline encodes it). Returns (CPU tensors): ``cosines [L, K]`` word-region cosines,
+    ``soft [L, K]`` SCAN t2i attention of each word over the regions (``smooth`` = lambda),
+    ``hard [L]`` CHAN's argmax region per word, ``hard_scores [L]`` its cosine (the VHA code).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    regions = torch.as_tensor(regions, dtype=torch.float32, device=device)[None]
+    tokens = torch.as_tensor(list(token_ids), dtype=torch.long, device=device)[None]
+    img = model.encode_images(regions, torch.tensor([regions.shape[1]], device=device))
+    cap = model.encode_captions(tokens, torch.tensor([tokens.shape[1]], device=device))
+    args = (img.feats, img.mask, cap.feats, cap.mask)
+    cosines = coding.region_word_cosines(*args)[0, 0].t()
+    soft = coding.t2i_attention_weights(*args, smooth=smooth)[0, 0].t()
+    hard = coding.hard_assignment_regions(*args)[0, 0]
+    hard_scores = coding.visual_hard_assignment(*args).values[0, 0]
+    model.train(was_training)
+    return {"cosines": cosines.cpu(), "soft": soft.cpu(), "hard": hard.cpu(), "hard_scores": hard_scores.cpu()}
+
+
 def build(run_cfg: RunConfig, vocab_size: int | None) -> CHAN:
     """Registry hook: a :class:`CHAN` from a :class:`RunConfig` (``model`` is a :class:`CHANConfig`)."""
     if not isinstance(run_cfg.model, CHANConfig):
