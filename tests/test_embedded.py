@@ -70,6 +70,8 @@ def test_object_regions_are_the_scene_boxes_and_features_come_from_pixels(tiny):
         scene = scenes[image_id]
         kinds, owners = scene["regions"]["kind"], scene["regions"]["object"]
         assert kinds.count("object") == len(scene["objects"]) and kinds.count("image") == 1
+        assert len(scene["caption_objects"]) == 5
+        assert all(m and set(m) <= set(range(len(scene["objects"]))) for m in scene["caption_objects"])
         assert (boxes[row, :, 2] > boxes[row, :, 0]).all() and (boxes[row, :, 3] > boxes[row, :, 1]).all()
         assert boxes.min() >= 0 and boxes.max() <= 224
         for k, (kind, owner) in enumerate(zip(kinds, owners)):

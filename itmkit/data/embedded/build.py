@@ -42,7 +42,7 @@ from itmkit.data.vocab import Vocabulary
 from itmkit.paths import cache_dir
 
 # Bump when scenes, captions, rendering or regions change: cached folders of another version are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "dev", "test")
 
 
@@ -170,7 +170,7 @@ def write_split(
         boxes[row] = regions["boxes"]
         scene.regions = {"kind": regions["kind"], "object": regions["object"]}
         texts, mentions = scene_captions(scene)
-        scene.regions["caption_objects"] = mentions
+        scene.caption_objects = mentions
         captions.extend(texts)
         path = out / "images" / f"{scene.image_id}.png"
         Image.fromarray(render_scene(scene)).save(path, optimize=False)

@@ -72,7 +72,8 @@ class Scene:
     caption_seed: int
     partner: int | None = None
     swap: dict | None = None
-    regions: dict = field(default_factory=dict)
+    regions: dict = field(default_factory=dict)  # {"kind": [K] str, "object": [K] int}
+    caption_objects: list = field(default_factory=list)  # per caption, the objects it mentions
 
     def to_json(self) -> dict:
         record = dataclasses.asdict(self)
@@ -269,4 +270,5 @@ def make_partner(
         partner=scene.image_id,
         swap=dict(swap),
         regions={},
+        caption_objects=[],
     )
