@@ -303,6 +303,11 @@ def test_image_pooling_exposes_regions_and_weights_for_notebooks():
     assert trace.features.shape == (2, 4, 16) and trace.weights.shape == (2, 4)
     assert torch.allclose(trace.embedding, trace.pooled / trace.pooled.norm(dim=1, keepdim=True), atol=1e-6)
     assert torch.allclose(trace.weights.sum(1), torch.ones(2), atol=1e-6) and trace.weights[1, 3] == 0
+    with torch.no_grad():
+        regions = model.image_regions(images, lengths)
+        words = model.caption_words(torch.tensor([[3, 4, 5], [6, 7, 0]]), torch.tensor([3, 2]))
+    assert torch.equal(regions.feats, trace.features) and regions.lengths.tolist() == [4, 3]
+    assert words.feats.shape == (2, 3, 16) and torch.all(words.feats[1, 2] == 0)
 
 
 def test_training_steps_reduce_the_loss_on_a_learnable_toy_task():

@@ -130,6 +130,14 @@ class VSEInfty(MatchingModel):
         words = self.text(tokens, lengths)
         return self._pool(self.text_pool, words, lengths, not self.config.no_txtnorm)
 
+    def image_regions(self, images: Tensor, lengths: Tensor) -> Encoded:
+        """Region features before pooling: ``Encoded([B, K, d], lengths)`` (zero beyond lengths)."""
+        return Encoded(self.image(images, lengths), lengths.long())
+
+    def caption_words(self, tokens: Tensor, lengths: Tensor) -> Encoded:
+        """Token features before pooling: ``Encoded([B, L, d], lengths)`` (zero beyond lengths)."""
+        return Encoded(self.text(tokens, lengths), lengths.long())
+
     def encode_images(self, images: Tensor, lengths: Tensor) -> Encoded:
         """``[B, K, img_dim]`` -> ``Encoded(feats [B, d])`` (unit vectors unless ``no_imgnorm``)."""
         return Encoded(self.image_pooling(images, lengths).embedding)
