@@ -607,3 +607,14 @@ def test_sgraf_ensemble_is_the_mean_of_sgr_and_saf():
     assert ensemble.shape == (2, 10)
     assert torch.allclose(torch.from_numpy(ensemble), ((matrices[0] + matrices[1]) / 2).float(), atol=1e-6)
     assert not torch.allclose(matrices[0], matrices[1])
+
+
+def test_reduced_precision_blocks_are_scored_in_the_weights_precision():
+    model = make_model("SAF").float()
+    images, img_len, tokens, lengths = make_inputs(n_img=2, lengths=(4, 3))
+    with torch.no_grad():
+        img, cap = model.encode_images(images.float(), img_len), model.encode_captions(tokens, lengths)
+        full = model.score_block(img, cap)
+        half = model.score_block(img.to(dtype=torch.bfloat16), cap.to(dtype=torch.bfloat16))
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, full, atol=2e-2)

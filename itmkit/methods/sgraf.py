@@ -124,6 +124,11 @@ class SGRAF(MatchingModel):
         """``[n_img, n_cap]`` sigmoid scores of every pair of the two blocks (§3.3 c-f), in one
         vectorised pass; ``details`` (a dict) receives the intermediates (see
         :meth:`SimilarityEncoder.score_block`)."""
+        dtype = self.sim.sim_eval_w.weight.dtype
+        if images.feats.dtype != dtype:
+            # reduced-precision blocks (the engine's CUDA option) meet fp32 weights: the similarity
+            # layers and the sigmoid scores run in the weights' precision
+            images, captions = images.to(dtype=dtype), captions.to(dtype=dtype)
         return self.sim.score_block(
             images.feats, images.extras["global"], captions.feats, captions.extras["global"],
             captions.mask, self._region_mask(images), details,
