@@ -84,6 +84,11 @@ def test_encode_split_once_in_eval_mode(data):
     # the same as encoding by hand
     by_hand = model.encode_images(torch.from_numpy(np.array(split.images)), torch.full((10,), 4))
     torch.testing.assert_close(imgs.feats, by_hand.feats)
+    # captions are encoded grouped by length but come back in file order
+    for c in (0, 17, 49):
+        ids = torch.tensor([pipeline.encode(split.captions[c])])
+        own = model.encode_captions(ids, torch.tensor([ids.shape[1]])).feats[0]
+        torch.testing.assert_close(caps.feats[c], own)
 
 
 def test_embedding_similarity_in_shards_and_memmap(data, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from itmkit.data.loaders import caption_batches, image_batches
+from itmkit.data.loaders import image_batches, pad_token_lists
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
 from itmkit.encoded import Encoded
 from itmkit.evaluate.atomic_write import atomic_path
@@ -62,15 +62,29 @@ def encode_split(
             for feats, lengths in tqdm(image_batches(split, batch_size), total=n_img_batches,
                                        desc=f"encode {split.split} images", disable=not progress, leave=False)
         ]  # fmt: skip
-        n_cap_batches = -(-split.n_captions // batch_size)
-        captions = [
-            model.encode_captions(tokens.to(device), lengths.to(device)).to("cpu")
-            for tokens, lengths in tqdm(caption_batches(split, pipeline, batch_size), total=n_cap_batches,
-                                        desc=f"encode {split.split} captions", disable=not progress, leave=False)
-        ]  # fmt: skip
+        captions = _encode_captions_by_length(model, split, pipeline, batch_size, device, progress)
     finally:
         model.train(was_training)
-    return Encoded.cat(images), Encoded.cat(captions)
+    return Encoded.cat(images), captions
+
+
+def _encode_captions_by_length(model, split: PrecompSplit, pipeline, batch_size: int, device, progress: bool) -> Encoded:
+    """Captions encoded in batches of similar length (longest first), returned in split order.
+
+    Real caption files mix 8- and 60-token captions; batching them in file order pads most
+    batches to the longest one. Encoders are padding-invariant, so only the speed changes.
+    """
+    ids = [pipeline.encode(c) for c in tqdm(split.captions, desc=f"tokenise {split.split}", disable=not progress,
+                                            leave=False)]  # fmt: skip
+    order = np.argsort(-np.array([len(t) for t in ids]), kind="stable")
+    parts = []
+    for start in tqdm(range(0, len(ids), batch_size), desc=f"encode {split.split} captions", disable=not progress,
+                      leave=False):  # fmt: skip
+        tokens, lengths = pad_token_lists([ids[i] for i in order[start : start + batch_size]], pipeline.pad_id)
+        parts.append(model.encode_captions(tokens.to(device), lengths.to(device)).to("cpu"))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.from_numpy(order)] = torch.arange(len(order))
+    return Encoded.cat(parts).select(inverse)
 
 
 @torch.no_grad()
