@@ -296,12 +296,15 @@ def test_region_mask_equals_dropping_the_regions_from_attention():
 # ----------------------------------------------------------------------------------------------
 # train mode: the SAF BatchNorm called once per caption (§3.4, §8.3)
 # ----------------------------------------------------------------------------------------------
-def test_saf_train_batchnorm_matches_per_caption_calls():
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_saf_train_batchnorm_matches_per_caption_calls(momentum):
     torch.manual_seed(0)
     saf = AttentionFiltration(S).double().train()
-    reference_bn = nn.BatchNorm1d(1).double().train()
+    reference_bn = nn.BatchNorm1d(1, momentum=momentum).double().train()
+    saf.bn.momentum = momentum
     with torch.no_grad():
         for bn in (saf.bn, reference_bn):
+            bn.num_batches_tracked.fill_(3)
             bn.running_mean.fill_(0.3)
             bn.running_var.fill_(1.7)
             bn.weight.fill_(1.2)
@@ -318,7 +321,7 @@ def test_saf_train_batchnorm_matches_per_caption_calls():
         assert torch.allclose(vector[:, j], l2n((a[..., None] * nodes[:, j, :P]).sum(1)), atol=1e-12)
     assert torch.allclose(saf.bn.running_mean, reference_bn.running_mean, atol=1e-12)
     assert torch.allclose(saf.bn.running_var, reference_bn.running_var, atol=1e-12)
-    assert int(saf.bn.num_batches_tracked) == int(reference_bn.num_batches_tracked) == 4
+    assert int(saf.bn.num_batches_tracked) == int(reference_bn.num_batches_tracked) == 3 + 4
 
 
 def test_sgr_train_mode_differs_from_eval_only_through_batch_statistics():

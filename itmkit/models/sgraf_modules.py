@@ -234,7 +234,7 @@ class AttentionFiltration(nn.Module):
         form. ``num_batches_tracked`` grows by ``c``.
         """
         bn = self.bn
-        if not (bn.training or not bn.track_running_stats):
+        if not bn.training and bn.track_running_stats:
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             return (logits - bn.running_mean) * scale + bn.bias
         n = logits.shape[0]
@@ -250,14 +250,19 @@ class AttentionFiltration(nn.Module):
 
     @torch.no_grad()
     def _update_running_stats(self, means: Tensor, unbiased_vars: Tensor) -> None:
-        # c successive updates x <- (1-m) x + m v_j  ==  (1-m)^c x + sum_j m (1-m)^(c-1-j) v_j
         bn = self.bn
         c = means.shape[0]
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
-        decay = (1.0 - m) ** torch.arange(c - 1, -1, -1, dtype=means.dtype, device=means.device)
-        keep = (1.0 - m) ** c
-        bn.running_mean.mul_(keep).add_((m * decay * means).sum().to(bn.running_mean.dtype))
-        bn.running_var.mul_(keep).add_((m * decay * unbiased_vars).sum().to(bn.running_var.dtype))
+        if bn.momentum is None:
+            # cumulative average over all calls so far: N old calls, c new ones
+            seen = float(bn.num_batches_tracked)
+            keep, contribution = seen / (seen + c), torch.full_like(means, 1.0 / (seen + c))
+        else:
+            # c successive updates x <- (1-m) x + m v_j  ==  (1-m)^c x + sum_j m (1-m)^(c-1-j) v_j
+            m = bn.momentum
+            keep = (1.0 - m) ** c
+            contribution = m * (1.0 - m) ** torch.arange(c - 1, -1, -1, dtype=means.dtype, device=means.device)
+        bn.running_mean.mul_(keep).add_((contribution * means).sum().to(bn.running_mean.dtype))
+        bn.running_var.mul_(keep).add_((contribution * unbiased_vars).sum().to(bn.running_var.dtype))
         bn.num_batches_tracked.add_(c)
 
     def forward(self, nodes: Tensor, node_mask: Tensor) -> tuple[Tensor, Tensor]:
