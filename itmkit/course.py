@@ -68,9 +68,13 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def embedded_preset_for(preset: str) -> str:
+def embedded_preset_for(preset: str, fallback: str | None = None) -> str:
     """The embedded data-set preset a notebook preset reads: ``smoke`` -> ``tiny``, ``course`` ->
-    ``course``. ``paper`` has no embedded set: it needs real precomp data (``data_dir``)."""
+    ``course``. ``paper`` has no embedded set (it needs real precomp data, ``data_dir``): it
+    raises, unless ``fallback`` names the embedded preset to show instead (notebooks that only
+    demonstrate a step on the embedded set, like ``01_features``)."""
+    if preset not in EMBEDDED_PRESET_OF and fallback is not None:
+        return fallback
     if preset not in EMBEDDED_PRESET_OF:
         raise ValueError(
             f"notebook parameter 'preset': expected one of {sorted(EMBEDDED_PRESET_OF)} for the "

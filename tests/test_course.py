@@ -158,6 +158,8 @@ def test_embedded_preset_for_maps_presets():
     assert course.embedded_preset_for("course") == "course"
     with pytest.raises(ValueError, match="preset.*'paper'.*data_dir"):
         course.embedded_preset_for("paper")
+    assert course.embedded_preset_for("paper", fallback="course") == "course"
+    assert course.embedded_preset_for("smoke", fallback="course") == "tiny"
 
 
 @dataclass
