@@ -91,8 +91,10 @@ def graph_edges_figure(pair: Mapping[str, np.ndarray], words: Sequence[str], tit
     labels = node_labels(words)
     _check_words(words, pair[steps[0]].shape[0] - 1, "graph_edges_figure words")
     fig, axes = plt.subplots(1, len(steps), figsize=(3.6 * len(steps), 3.6), squeeze=False)
+    # one colour scale for all steps, up to the largest edge (uniform rows would be 1/(L+1))
+    top = max(float(np.max(pair[key])) for key in steps)
     for i, (ax, key) in enumerate(zip(axes[0], steps)):
-        sns.heatmap(pair[key], ax=ax, vmin=0, vmax=1, cmap="viridis", square=True, cbar=i == len(steps) - 1,
+        sns.heatmap(pair[key], ax=ax, vmin=0, vmax=top, cmap="viridis", square=True, cbar=i == len(steps) - 1,
                     xticklabels=labels, yticklabels=labels if i == 0 else False)
         ax.set_title(f"step {i + 1} edges", fontsize=9)
         ax.set_xlabel("sending node")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -621,3 +623,42 @@ def test_reduced_precision_blocks_are_scored_in_the_weights_precision():
         half = model.score_block(img.to(dtype=torch.bfloat16), cap.to(dtype=torch.bfloat16))
     assert half.dtype == torch.float32
     assert torch.allclose(half, full, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# pictures
+# ----------------------------------------------------------------------------------------------
+def test_figures_draw_one_pair_and_check_their_inputs():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from itmkit import sgraf_figures
+
+    images, img_len, tokens, lengths = make_inputs(n_img=2, lengths=(4, 6))
+    words = ["<start>", "red", "ball", "<end>"]
+    image = np.zeros((40, 50, 3), dtype=np.uint8)
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 30, 30], [20, 0, 49, 20], [0, 20, 25, 39], [10, 10, 40, 35]], float)
+    for module in ("SGR", "SAF"):
+        model = make_model(module)
+        with torch.no_grad():
+            details = model.explain(model.encode_images(images, img_len), model.encode_captions(tokens, lengths))
+        pair = sgraf_figures.pair_details(details, 1, 0, n_words=4)
+        assert pair["nodes"].shape == (5, S) and pair["attention"].shape == (R, 4)
+        assert abs(float(pair["score"]) - float(details["scores"][1, 0])) < 1e-12
+        fig = sgraf_figures.similarity_vectors_figure(pair, words)
+        assert len(fig.axes) >= 2
+        plt.close(fig)
+        if module == "SGR":
+            assert pair["sgr_edges0"].shape == (5, 5)
+            fig = sgraf_figures.graph_edges_figure(pair, words)
+            assert len([ax for ax in fig.axes if ax.get_title().startswith("step")]) == 3
+            with pytest.raises(ValueError, match="expected 4 words.*found 3"):
+                sgraf_figures.graph_edges_figure(pair, words[:3])
+        else:
+            assert abs(pair["filtration_weights"].sum() - 1) < 1e-6
+            fig = sgraf_figures.filtration_figure(image, boxes, words, pair, top=2)
+            assert len(fig.axes) == 3  # the bar chart and two kept words on the image
+            with pytest.raises(ValueError, match="sgr_edges"):
+                sgraf_figures.graph_edges_figure(pair, words)
+        plt.close(fig)
