@@ -30,7 +30,9 @@ def _check(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def draw_region_weights(ax, image, boxes, weights, top: int = 3, colour: str = SOFT_COLOUR, title: str | None = None):
     """``image`` with every box shaded by its weight (``weights [K]``, e.g. one word's attention
-    over the regions) and the ``top`` heaviest boxes outlined and labelled with their weight."""
+    over the regions, summing to 1) and the ``top`` heaviest boxes outlined and labelled with
+    their weight. Shading is absolute (opacity ``0.5 * weight``), so a spread-out attention
+    looks faint and a peaked one solid."""
     from matplotlib.patches import Rectangle
 
     image, boxes = _check(image, boxes)
@@ -38,12 +40,11 @@ def draw_region_weights(ax, image, boxes, weights, top: int = 3, colour: str = S
     if weights.shape != (len(boxes),):
         raise ValueError(f"weights: expected one per box ({len(boxes)},), found {weights.shape}")
     ax.imshow(image)
-    peak = max(float(weights.max()), 1e-12)
     order = np.argsort(-weights)
     for k in order[::-1]:  # heaviest drawn last, on top
         x1, y1, x2, y2 = boxes[k]
-        shade = float(weights[k]) / peak
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=colour, alpha=0.35 * shade, edgecolor="none"))
+        shade = float(np.clip(weights[k], 0.0, 1.0))
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=colour, alpha=0.5 * shade, edgecolor="none"))
     for rank, k in enumerate(order[:top]):
         x1, y1, x2, y2 = boxes[k]
         ax.add_patch(
