@@ -240,3 +240,36 @@ def test_extract_region_features_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.png: expected an image file"):
         extract_region_features([tmp_path / "missing.png"], np.array([[[0, 0, 4, 4]]]), extractor, tmp_path / "x.npy", progress=False)
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.npy.partial").exists()
+
+
+# ---------------------------------------------------------------------------- the command line
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "data_prep" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"data_prep_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_extract_region_features_command(tmp_path, capsys):
+    script = _load_script("extract_region_features")
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "--feature-dim" in capsys.readouterr().out
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id in (7, 3):
+        Image.fromarray(half_red_half_blue(64)).save(images / f"{image_id}.png")
+    boxes = np.tile(np.array([[0, 0, 32, 64], [32, 0, 64, 64]], dtype=np.float32), (2, 1, 1))
+    np.save(tmp_path / "boxes.npy", boxes)
+    (tmp_path / "ids.txt").write_text("7\n7\n7\n7\n7\n3\n3\n3\n3\n3\n")  # one id per caption: collapsed
+    args = ["--images", str(images), "--boxes", str(tmp_path / "boxes.npy"), "--ids", str(tmp_path / "ids.txt")]
+    assert script.main(args + ["--out", str(tmp_path / "out"), "--split", "dev", "--input-size", "64", "--no-progress"]) == 0
+    feats = np.load(tmp_path / "out" / "dev_ims.npy")
+    assert feats.shape == (2, 2, 1360) and feats.dtype == np.float32
+    np.testing.assert_array_equal(feats[0], feats[1])  # the same picture under two ids
+    (tmp_path / "ids.txt").write_text("7\n8\n")
+    with pytest.raises(FileNotFoundError, match="expected an image named 8"):
+        script.main(args + ["--out", str(tmp_path / "out")])
