@@ -120,6 +120,13 @@ def test_cache_reuse_force_and_interrupted_builds(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
 
 
+def test_a_foreign_folder_is_never_replaced(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="expected a missing, empty or embedded-data folder"):
+        build_embedded("tiny", out_dir=tmp_path, extractor=colour_extractor(), force=True, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_presets_validate_and_name_custom_variants():
     with pytest.raises(ValueError, match="n_regions >= max_objects \\+ 1 = 5, found 4"):
         build_module.resolve_preset(EmbeddedPreset("bad", 4, 2, 2, n_regions=4))

@@ -203,8 +203,9 @@ def build_embedded(
     out_dir = Path(out_dir)
     if is_complete(out_dir) and not force:
         return out_dir
-    if out_dir.exists() and not force and any(out_dir.iterdir()) and not (out_dir / "meta.json").exists():
-        raise FileExistsError(f"{out_dir}: expected a missing, empty or finished embedded folder, found other files")
+    # never replace a folder that is not an embedded set, even with force (a mistyped --out)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "meta.json").exists():
+        raise FileExistsError(f"{out_dir}: expected a missing, empty or embedded-data folder, found other files")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
