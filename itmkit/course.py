@@ -50,7 +50,7 @@ KEY_METRICS = (
     "untrained_rsum",
     "train_seconds",
 )
-SUMMARY_COLUMNS = ("notebook", "status", "seconds", "peak_rss_mb", "error")
+SUMMARY_COLUMNS = ("notebook", "status", "seconds", "cpu_seconds", "peak_rss_mb", "error")
 
 # notebook preset -> embedded data-set preset, for notebooks that use data but no method
 EMBEDDED_PRESET_OF = {"smoke": "tiny", "course": "course"}
@@ -210,6 +210,7 @@ class NotebookResult:
     seconds: float
     out_dir: Path
     executed: Path
+    cpu_seconds: float | None = None  # the kernel's user + system CPU time (Unix)
     peak_rss_mb: float | None = None
     error: str = ""
     cell_index: int | None = None  # failing cell, 0-based in the committed notebook
@@ -275,6 +276,21 @@ class _PeakRSS:
         return round(self.peak_bytes / 2**20, 1) if self.peak_bytes else None
 
 
+def _children_cpu_seconds() -> float | None:
+    """User + system CPU seconds of this process's finished children (None where unsupported).
+
+    The kernel is a child that papermill's kernel manager waits for at shutdown, so the
+    difference across one notebook is that kernel's CPU time: unlike wall time, it does not grow
+    when other work shares the machine.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _source_cell_index(notebook: Path, executed_index: int) -> int:
     """Map a cell index of papermill's executed copy back to the committed notebook.
 
@@ -329,6 +345,7 @@ def run_notebook(
     params = {**parameters, "out_dir": str(out_dir)}
     status, error, cell_index = "ok", "", None
     start = time.perf_counter()
+    cpu_before = _children_cpu_seconds()
     with _PeakRSS() as memory:
         try:
             papermill.execute_notebook(
@@ -346,6 +363,8 @@ def run_notebook(
             status = "failed"
             error, cell_index = _describe_failure(notebook, exc)
     seconds = time.perf_counter() - start
+    cpu_after = _children_cpu_seconds()
+    cpu_seconds = None if cpu_before is None or cpu_after is None else round(cpu_after - cpu_before, 1)
     metrics = {}
     if status == "ok":
         try:
@@ -359,6 +378,7 @@ def run_notebook(
         notebook=notebook.stem,
         status=status,
         seconds=round(seconds, 1),
+        cpu_seconds=cpu_seconds,
         out_dir=out_dir,
         executed=executed,
         peak_rss_mb=memory.peak_mb,
@@ -369,7 +389,7 @@ def run_notebook(
 
 
 def summary_table(results: Sequence[NotebookResult]) -> pd.DataFrame:
-    """One row per notebook: ``notebook, status, seconds, peak_rss_mb, error``, then the
+    """One row per notebook: ``notebook, status, seconds, cpu_seconds, peak_rss_mb, error``, then the
     :data:`KEY_METRICS` any notebook reported, then every other scalar metric (sorted)."""
     rows = []
     for r in results:
@@ -377,6 +397,7 @@ def summary_table(results: Sequence[NotebookResult]) -> pd.DataFrame:
             "notebook": r.notebook,
             "status": r.status,
             "seconds": r.seconds,
+            "cpu_seconds": r.cpu_seconds,
             "peak_rss_mb": r.peak_rss_mb,
             "error": r.error,
         }

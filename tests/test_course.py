@@ -102,19 +102,21 @@ def test_parameters_are_injected_and_metrics_reach_the_summary(course_run):
     written = json.loads((out / "01_reports" / "metrics.json").read_text())
     assert written["rsum"] == pytest.approx(24.5)
     assert row["seconds"] > 0
+    # the kernel's CPU time: a python kernel that imports itmkit spends well over 0.1 s
+    assert row["cpu_seconds"] is None or 0.1 < row["cpu_seconds"] < 10 * row["seconds"]
     assert row["peak_rss_mb"] is None or row["peak_rss_mb"] > 10  # a python kernel is tens of MB
 
 
 def test_summary_files_order_columns_and_show_key_metrics(course_run):
     frame, out = course_run
-    assert list(frame.columns[:5]) == ["notebook", "status", "seconds", "peak_rss_mb", "error"]
+    assert list(frame.columns[:6]) == ["notebook", "status", "seconds", "cpu_seconds", "peak_rss_mb", "error"]
     # key metrics in KEY_METRICS order first, then the rest sorted
-    assert list(frame.columns[5:]) == ["i2t_r1", "rsum", "epochs_seen", "preset_seen", "seed_seen", "zz_extra"]
+    assert list(frame.columns[6:]) == ["i2t_r1", "rsum", "epochs_seen", "preset_seen", "seed_seen", "zz_extra"]
     on_disk = pd.read_csv(out / "summary.csv")
     assert on_disk["notebook"].tolist() == ["00_fails", "01_reports"]
     assert on_disk["status"].tolist() == ["failed", "ok"]
     md = (out / "summary.md").read_text().splitlines()
-    assert md[0] == "| notebook | status | seconds | peak_rss_mb | error | i2t_r1 | rsum |"
+    assert md[0] == "| notebook | status | seconds | cpu_seconds | peak_rss_mb | error | i2t_r1 | rsum |"
     assert md[3].startswith("| 01_reports | ok |") and md[3].endswith("| 1.25 | 24.50 |")
 
 
