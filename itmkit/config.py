@@ -103,7 +103,10 @@ def replace_nested(cfg: Any, overrides: dict[str, Any]) -> Any:
         if not dataclasses.is_dataclass(cfg) or head not in {f.name for f in dataclasses.fields(cfg)}:
             raise KeyError(f"config override {dotted!r}: no field {head!r} in {type(cfg).__name__}")
         if rest:
-            setattr(cfg, head, replace_nested(getattr(cfg, head), {rest: value}))
+            try:
+                setattr(cfg, head, replace_nested(getattr(cfg, head), {rest: value}))
+            except KeyError as err:
+                raise KeyError(f"config override {dotted!r}: {err.args[0]}") from None
         else:
             current = getattr(cfg, head)
             if isinstance(current, tuple) and isinstance(value, list):

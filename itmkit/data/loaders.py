@@ -205,6 +205,10 @@ def train_batches(
         collate_fn=partial(collate_pairs, pad_id=pad),
         num_workers=num_workers,
         drop_last=drop_last,
+        # The loader's own generator (worker base seed) comes from (seed, epoch), so starting an
+        # iterator never draws from torch's global RNG: a resumed run keeps the model's dropout
+        # stream exactly where an uninterrupted run has it.
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
     )
     yield from loader
 

@@ -242,8 +242,8 @@ def train(
             state.epoch_start_seconds = state.seconds
         started = time.perf_counter()
         model.train()
-        batches = rng_neutral(train_batches(dataset, tcfg.batch_size, tcfg.seed, epoch, start_step=state.step_in_epoch,
-                                            num_workers=run_cfg.data.num_workers))  # fmt: skip
+        batches = train_batches(dataset, tcfg.batch_size, tcfg.seed, epoch, start_step=state.step_in_epoch,
+                                num_workers=run_cfg.data.num_workers)  # fmt: skip
         bar = tqdm(batches, total=n_steps, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    disable=not progress, leave=False)  # fmt: skip
         for batch in bar:
@@ -314,22 +314,6 @@ def train(
                                      "test": _summary(test_metrics)})  # fmt: skip
     return result
 
-
-def rng_neutral(batches):
-    """Yield ``batches`` while hiding from the model's RNG the draw a ``DataLoader`` makes from
-    torch's global generator when its iterator starts (its base seed). Without this, a run
-    resumed mid-epoch starts a loader where the uninterrupted run did not, and every later
-    dropout mask shifts; the batches themselves never depend on that draw."""
-    iterator = iter(batches)
-    state = torch.get_rng_state()
-    try:
-        first = next(iterator)
-    except StopIteration:
-        return
-    finally:
-        torch.set_rng_state(state)
-    yield first
-    yield from iterator
 
 
 def train_step(model: MatchingModel, batch, optimizer, scaler, margin: float, max_violation: bool,
