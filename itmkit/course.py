@@ -171,6 +171,19 @@ def discover_notebooks(folder: str | Path | None = None) -> list[Path]:
     return sorted(p for p in folder.iterdir() if NOTEBOOK_NAME.match(p.name))
 
 
+def notebook_title(path: str | Path) -> str:
+    """The first markdown heading of a notebook, without the ``#`` marks ("" when it has none)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    return ""
+
+
 def select_notebooks(names: Iterable[str] | None, folder: str | Path | None = None) -> list[Path]:
     """The notebooks named in ``names`` (stem ``03_vse_infty``, number ``03`` or name
     ``vse_infty``), in course order; ``None`` or empty selects all. Unknown names raise
@@ -498,7 +511,8 @@ def run_course(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m itmkit.course", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the course notebooks in order")
+    listing = sub.add_parser("list", help="list the course notebooks in order, with their titles")
+    listing.add_argument("--notebooks", default=None, help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="run notebooks headless and write a summary table")
     run.add_argument("names", nargs="*", help="notebooks by stem, number or name (default: all)")
     run.add_argument("--preset", default="course", help="smoke | course | paper (default: course)")
@@ -516,8 +530,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":
-        for path in discover_notebooks():
-            print(path.stem)
+        for path in discover_notebooks(args.notebooks):
+            print(f"{path.stem:<16} {notebook_title(path)}")
         return 0
     out = args.out or f"runs/{args.preset}"
     frame = run_course(

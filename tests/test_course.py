@@ -129,6 +129,14 @@ def test_cli_exits_non_zero_and_names_the_failed_notebook(toy_course, tmp_path, 
     assert (tmp_path / "summary.csv").is_file() and not (tmp_path / "01_reports").exists()
 
 
+def test_cli_list_prints_stems_and_titles_in_order(toy_course, capsys):
+    assert course.main(["list", "--notebooks", str(toy_course)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{'00_fails':<16} A test notebook",
+        f"{'01_reports':<16} A test notebook",
+    ]
+
+
 def test_notebook_without_metrics_counts_as_failed(tmp_path):
     folder = tmp_path / "nb"
     folder.mkdir()
