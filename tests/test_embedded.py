@@ -312,6 +312,22 @@ def test_every_caption_is_true_of_its_scene(tiny):
     assert claims > 5 * 80 * 2 and relation_captions > 80
 
 
+def test_every_paired_image_has_a_caption_that_is_false_for_its_partner(tiny):
+    """The hard negative is hard but decidable: some caption tells the two pictures apart."""
+    scenes = read_scenes(tiny)
+    paired = [s for s in scenes.values() if s["partner"] is not None]
+    for scene in paired:
+        partner = scenes[scene["partner"]]
+        false_for_partner = 0
+        for caption in caption_block(tiny, scene):
+            check_caption(caption, scene)
+            try:
+                check_caption(caption, partner)
+            except AssertionError:
+                false_for_partner += 1
+        assert false_for_partner >= 1, (scene["image_id"], scene["swap"], caption_block(tiny, scene))
+
+
 def test_caption_variety_and_seeded_determinism(tiny):
     captions = (tiny / "train_caps.txt").read_text().split("\n")[:-1]
     assert len(set(captions)) > 0.95 * len(captions)

@@ -42,7 +42,7 @@ from itmkit.data.vocab import Vocabulary
 from itmkit.paths import cache_dir
 
 # Bump when scenes, captions, rendering or regions change: cached folders of another version are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SPLITS = ("train", "dev", "test")
 
 

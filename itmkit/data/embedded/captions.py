@@ -98,10 +98,11 @@ def background_phrase(scene: Scene, rng: np.random.Generator) -> str:
     return frame.format(bg)
 
 
-def relation_phrase(scene: Scene, a: int, b: int, rng: np.random.Generator) -> str:
-    """The phrase for object ``a``'s relation to ``b`` (the pair must have one); 2 draws."""
+def relation_phrase(scene: Scene, a: int, b: int, rng: np.random.Generator, allow_next: bool = True) -> str:
+    """The phrase for object ``a``'s relation to ``b`` (the pair must have one); 2 draws.
+    ``allow_next=False`` keeps the direction (``next to`` is true of both orders)."""
     rel = relation(scene.objects[a], scene.objects[b], scene.image_size)
-    use_next = rng.random() < 0.25 and is_next_to(scene.objects[a], scene.objects[b], scene.image_size)
+    use_next = rng.random() < 0.25 and allow_next and is_next_to(scene.objects[a], scene.objects[b], scene.image_size)
     phrase = pick(rng, RELATION_PHRASES["next" if use_next else rel])
     return phrase
 
@@ -192,12 +193,16 @@ def frame_place(scene: Scene, rng: np.random.Generator, order: list[int], pair=N
 
 
 def frame_focus(scene: Scene, rng: np.random.Generator, order: list[int], pair):
-    """Both objects of the hard-negative swap, with every attribute stated."""
+    """Both objects of the hard-negative swap, with every attribute stated (and, for a place swap,
+    their relation: the one thing that tells the two pictures apart)."""
     a, b = pair
-    if relation(scene.objects[a], scene.objects[b], scene.image_size) is not None and rng.random() < 0.7:
+    place_swap = scene.swap is not None and scene.swap["kind"] == "relation"
+    related = relation(scene.objects[a], scene.objects[b], scene.image_size) is not None
+    if related and (rng.random() < 0.7 or place_swap):
         np_a = noun_phrase(scene.objects[a], rng, 1.0, 1.0)
         np_b = noun_phrase(scene.objects[b], rng, 1.0, 1.0)
-        return f"{np_a} {relation_phrase(scene, a, b, rng)} {np_b}", [a, b]
+        # a place swap is told apart only by the direction, so never "next to" here
+        return f"{np_a} {relation_phrase(scene, a, b, rng, allow_next=False)} {np_b}", [a, b]
     np_a = noun_phrase(scene.objects[a], rng, 1.0, 1.0)
     np_b = noun_phrase(scene.objects[b], rng, 1.0, 1.0)
     return f"{np_a} and {np_b}", [a, b]
