@@ -513,3 +513,36 @@ def test_converter_reports_malformed_checkpoints():
     run_cfg, state = convert_checkpoint({"model": [img, txt, sim]})
     assert run_cfg.model.variant == "H" and state["image_levels.merge.0.weight"].shape == (4, 1, 2)
     assert state["correspondence.level_matrices.8"].shape == (1, 1) and "correspondence.level_norms.3.bias" in state
+
+
+# -------------------------------------------------- two-model ensembles of saved results (§4)
+def test_ensemble_of_two_different_methods_from_their_saved_results(tmp_path):
+    """ESL + VSE∞ evaluated separately, their saved ``sims.npy`` averaged by the evaluator's
+    ensemble: the averaged matrix and its recalls equal the ones computed directly."""
+    import numpy as np
+
+    from itmkit.data.precomp import PrecompSplit
+    from itmkit.data.text import build_text_pipeline
+    from itmkit.evaluate.ensemble import evaluate_ensemble
+    from itmkit.evaluate.evaluator import encode_split, evaluate_model
+    from itmkit.evaluate.metrics import recall_metrics
+    from itmkit.evaluate.synthetic_precomp import write_synthetic_precomp
+    from itmkit.methods.vse_infty import VSEInfty, VSEInftyConfig
+
+    data = write_synthetic_precomp(tmp_path / "data", {"train": 6, "test": 6}, n_regions=4, feature_dim=IMG_DIM)
+    pipeline = build_text_pipeline(TextConfig(kind="bigru"), PrecompSplit.open(data, "train").captions, data)
+    torch.manual_seed(0)
+    esl = ESL(ESLConfig(variant="A", embed_size=256, img_dim=IMG_DIM), TextConfig(kind="bigru", word_dim=8), pipeline.vocab_size)
+    vse = VSEInfty(VSEInftyConfig(embed_size=16, img_dim=IMG_DIM), TextConfig(kind="bigru", word_dim=8), pipeline.vocab_size)
+    direct = []
+    for name, model in (("esl", esl.eval()), ("vse_infty", vse.eval())):
+        evaluate_model(model, data, "test", pipeline, out_dir=tmp_path / name, progress=False)
+        with torch.no_grad():
+            images, captions = encode_split(model, PrecompSplit.open(data, "test"), pipeline, progress=False)
+            direct.append(model.similarity(images, captions).numpy().astype(np.float64))
+    result = evaluate_ensemble([tmp_path / "esl" / "sims.npy", tmp_path / "vse_infty" / "sims.npy"], out_dir=tmp_path / "ens")
+    mean = (direct[0] + direct[1]) / 2
+    np.testing.assert_allclose(result.sims, mean, atol=1e-5)
+    assert not np.allclose(direct[0], direct[1])  # two different models
+    assert result.metric("rsum") == pytest.approx(recall_metrics(mean)["rsum"])
+    assert (tmp_path / "ens" / "metrics.csv").is_file()
