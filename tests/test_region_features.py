@@ -194,6 +194,8 @@ def test_default_extractor_shapes_and_name(effnet):
     feats = effnet(half_red_half_blue(96), np.array([[0, 0, 48, 96], [48, 0, 96, 96], [10, 10, 20, 20]]))
     assert feats.shape == (3, 1360) and feats.dtype == np.float32 and np.isfinite(feats).all()
     assert not np.allclose(feats[0], feats[1])  # red and blue halves differ
+    again = effnet(half_red_half_blue(96), np.array([[0, 0, 48, 96], [48, 0, 96, 96], [10, 10, 20, 20]]))
+    assert again.tobytes() == feats.tobytes()  # same input, same bytes (eval mode, no dropout)
 
 
 def test_efficientnet_lite_normalisation_beats_imagenet_statistics(effnet):
