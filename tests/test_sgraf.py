@@ -18,6 +18,7 @@ from itmkit.models.sgraf_modules import (
     GraphReasoning,
     SimilarityEncoder,
     VisualSelfAttention,
+    scan_attention,
     t2i_attention,
 )
 
@@ -167,6 +168,15 @@ def test_local_attention_two_regions_by_hand():
         assert torch.allclose(attn[0, 0, :, t], e, atol=1e-12)
         ctx = e / e.norm()  # regions are the unit axes, so ctx = weights, then l2-normalised
         assert torch.allclose(attended[0, 0, t], ctx, atol=1e-8)
+
+
+def test_per_pair_scan_attention_equals_the_block_diagonal():
+    regions, words, mask, lengths = make_block(n=3, lengths=(4, 2, 5), garbage=False)
+    block, _ = t2i_attention(regions, words, mask)
+    for j, Lj in enumerate(lengths.tolist()):
+        per_pair = scan_attention(words[j : j + 1, :Lj].expand(3, Lj, D), regions)
+        assert torch.allclose(per_pair, block[:, j, :Lj], atol=1e-12)
+        assert torch.allclose(per_pair.norm(dim=-1), torch.ones(3, Lj, dtype=torch.float64))
 
 
 def test_graph_reasoning_padded_nodes_neither_send_nor_receive():

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from itmkit.models.cross_attention import attention_weights
+from itmkit.models.cross_attention import attention_weights, func_attention
 from itmkit.models.functional import l2norm
 
 #: SGRAF's local alignment is SCAN t2i attention with this inverse temperature, hard-coded in the
@@ -160,6 +160,15 @@ def t2i_attention(
     attended = torch.bmm(weights.view(n, R, c * L).transpose(1, 2), regions).view(n, c, L, d)
     attention = weights.permute(0, 2, 1, 3)
     return (l2norm(attended, dim=-1, eps=NORM_EPS) if normalise else attended), attention
+
+
+def scan_attention(query: Tensor, context: Tensor, smooth: float = ATTENTION_SMOOTH) -> Tensor:
+    """The reference's per-pair ``SCAN_attention(query, context, smooth)`` (§3.3 c): ``query
+    [n, Lq, d]`` (a caption's valid words, repeated per image) over ``context [n, Lc, d]`` (the
+    regions; row ``k`` of both forms one pair) -> l2-normalised attended vectors ``[n, Lq, d]``.
+    :func:`t2i_attention` is the same for every pair of two blocks."""
+    attended, _ = func_attention(query, context, "clipped_l2norm", smooth)
+    return l2norm(attended, dim=-1, eps=NORM_EPS)
 
 
 def squared_difference_to_unit(attended: Tensor, words: Tensor) -> Tensor:
