@@ -27,6 +27,8 @@ def pair_details(details: Mapping, image: int, caption: int, n_words: int) -> di
         v = value[image, caption].detach().cpu().double().numpy()
         if key == "attention":
             v = v[:, :n_words]
+        elif key == "attended":
+            v = v[:n_words]
         elif key in ("nodes", "filtration_weights") or key.startswith("sgr_step"):
             v = v[: n_words + 1]
         elif key.startswith("sgr_edges"):

@@ -244,6 +244,8 @@ def test_intermediates_equal_reference(module):
             assert torch.allclose(details["nodes"][i, j, : Lj + 1], nodes, atol=1e-12)
             assert torch.all(details["nodes"][i, j, Lj + 1 :] == 0)
             assert torch.allclose(details["attention"][i, j, :, :Lj], attn, atol=1e-12)
+            ctx = torch.stack([l2n((attn[:, t, None] * regions[i]).sum(0)) for t in range(Lj)])
+            assert torch.allclose(details["attended"][i, j, :Lj], ctx, atol=1e-12)
     if module == "SAF":
         w = details["filtration_weights"]
         assert torch.allclose(w.sum(-1), torch.ones_like(w[..., 0]), atol=1e-7)

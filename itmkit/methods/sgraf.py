@@ -136,7 +136,8 @@ class SGRAF(MatchingModel):
 
     def explain(self, images: Encoded, captions: Encoded) -> dict[str, Tensor]:
         """Scores and intermediates of a small block, for pictures: ``scores [n, c]``,
-        ``attention [n, c, R, L]``, ``nodes [n, c, L+1, s]``, SAF ``filtration_weights [n, c, L+1]``
+        ``attention [n, c, R, L]``, ``attended [n, c, L, d]``, ``nodes [n, c, L+1, s]``,
+        SAF ``filtration_weights [n, c, L+1]``
         or SGR ``sgr_step{i}``/``sgr_edges{i}``, ``vector [n, c, s]``."""
         details: dict[str, Tensor] = {}
         with torch.no_grad():

@@ -330,6 +330,8 @@ class SimilarityEncoder(nn.Module):
         words; padded words give zero nodes)."""
         words = words.masked_fill(~word_mask[..., None], 0.0)
         attended, attention = t2i_attention(regions, words, word_mask, region_mask, self.smooth, normalise=False)
+        if details is not None:  # a copy: the no-grad path below overwrites ``attended``
+            details["attended"] = l2norm(attended, dim=-1, eps=NORM_EPS)
         local = self.sim_tranloc_w(squared_difference_to_unit(attended, words))
         del attended
         local = l2norm(local, dim=-1, eps=NORM_EPS)
@@ -376,7 +378,7 @@ class SimilarityEncoder(nn.Module):
             words: ``[c, L, d]`` word embeddings (padded positions may hold anything);
             caption_global: ``[c, d]`` (TextSA); word_mask: ``[c, L]`` bool;
             region_mask: ``[n, R]`` bool or None (all regions valid, as in the reference).
-            details: if a dict, filled with the intermediates (``attention``, ``nodes``,
+            details: if a dict, filled with the intermediates (``attention``, ``attended``, ``nodes``,
                 ``sgr_step{i}``/``sgr_edges{i}`` or ``filtration_weights``, ``vector``).
         """
         nodes = self.similarity_nodes(regions, image_global, words, caption_global, word_mask, region_mask, details)
