@@ -91,9 +91,7 @@ def reference_levels(x, sim_state, side, heuristic, levels=9):
     for level in range(1, levels):
         if heuristic:
             weight = sim_state[f"plus_encoder.encoders_1.{side}_levels.kernel_{'img' if side == 'image' else 'txt'}_{level}.weight"]
-            conv = nn.Conv1d(1, weight.shape[0], weight.shape[2], stride=weight.shape[2], bias=False).double()
-            conv.weight.data = weight.clone()
-            y = conv(previous[:, None, :]).sum(dim=1)
+            y = torch.nn.functional.conv1d(previous[:, None, :], weight, stride=weight.shape[2]).sum(dim=1)
         else:
             mask = sim_state[f"plus_encoder.encoders_1.{side}_levels.masks_{level}.weight"]
             rows = mask / (mask.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-8)

@@ -183,7 +183,8 @@ class MultiLevelAggregation(nn.Module):
             return y @ adaptive_selection(weight, self.selected_per_row).t()
         kernel = weight.sum(dim=0)[0]  # the 4 output channels are summed: one kernel [k]
         # stride-k windows that fit (Conv1d drops a trailing remainder): [..., D_l, k] @ [k]
-        windows = y[..., : d_out * self.kernel_size].reshape(*y.shape[:-1], d_out, self.kernel_size)
+        used = d_out * self.kernel_size
+        windows = (y if used == y.shape[-1] else y[..., :used]).reshape(*y.shape[:-1], d_out, self.kernel_size)
         return windows @ kernel
 
     def forward(self, x: Tensor) -> Tensor:
@@ -254,7 +255,8 @@ class EnhancedCorrespondence(nn.Module):
     def project_regions(self, levels: Tensor) -> Tensor:
         """``Ŷ = concat_l Y_l G_lᵀ``: ``[..., ΣD_l] -> [..., ΣD_l]``, so that ``A = X · Ŷᵀ``
         equals ``Σ_l X_l G_l Y_lᵀ`` (the image side is projected: fewer rows than captions)."""
-        parts = [levels[..., part] @ g.t() for part, g in zip(self.slices, self.interaction_matrices())]
+        # split (not slicing): its backward is one cat instead of a zero-filled full-size tensor per level
+        parts = [y @ g.t() for y, g in zip(levels.split(self.dims, dim=-1), self.interaction_matrices())]
         return torch.cat(parts, dim=-1)
 
 
@@ -375,10 +377,10 @@ class ESL(MatchingModel):
         scores = self._scores(images, captions)
         word_mask, region_mask = captions.mask, images.mask
         a, b = attention_pooling_weights(scores, word_mask, region_mask, self.correspondence.smooth)
-        projected = images.extras["projected"]
         parts = []
-        for part in self.slices:
-            level = torch.einsum("cwf,irf->icwr", captions.feats[..., part], projected[..., part]).float()
+        words, regions = captions.feats.split(self.dims, dim=-1), images.extras["projected"].split(self.dims, dim=-1)
+        for x, y in zip(words, regions):
+            level = torch.einsum("cwf,irf->icwr", x, y).float()
             parts.append(pooled_score(level, a, b, word_mask, region_mask))
         return torch.stack(parts, dim=-1)
 
