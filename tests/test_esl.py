@@ -380,7 +380,7 @@ def test_training_steps_through_the_engine_reduce_the_loss(variant):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0]
     corr = model.correspondence
     assert corr.level_weight.weight.grad.abs().sum() > 0 and corr.log_inverse_temperature.grad is not None
