@@ -250,6 +250,13 @@ def test_text_chain_is_unnormalised_and_differs_from_the_image_chain(variant):
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
 
 
+def test_parameter_counts_match_the_spec_at_d512():
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(EnhancedCorrespondence(ESLConfig(variant="H"))) == 1_048_572 + 12
+    assert count(MultiLevelAggregation(ESLConfig(variant="A"), normalised_chain=True)) == 174_760
+    assert count(MultiLevelAggregation(ESLConfig(variant="H"), normalised_chain=True)) == 8 * 8
+
+
 # --------------------------------------------------------------- level weights (§3.4)
 def test_contribution_degrees_by_hand():
     cfg = ESLConfig(variant="H", embed_size=8, levels=3)
