@@ -245,3 +245,16 @@ def test_bad_inputs_raise_clear_errors():
         C.code(images, torch.ones(2, 3, dtype=torch.bool), images, torch.ones(2, 3, dtype=torch.bool), "soft")
     with pytest.raises(ValueError, match="unknown pooling"):
         C.pool(C.CodedScores(torch.zeros(1, 1, 1), torch.ones(1, 1, 1, dtype=torch.bool)), "median")
+
+
+@pytest.mark.parametrize("coding", ["vha", "tha", "vsa", "t2i"])
+def test_gradients_match_finite_differences(coding):
+    # the in-place masking on the GEMM output and the Gram-matrix norms must give exact gradients
+    g = torch.Generator().manual_seed(11)
+    images = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    captions = torch.randn(2, 6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    img_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    cap_mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    for pooling in ("lse", "mean", "softmax"):
+        f = lambda a, b: C.coded_similarity(a, img_mask, b, cap_mask, coding, pooling)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (images, captions))
