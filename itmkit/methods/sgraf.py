@@ -221,17 +221,30 @@ def embedded_shape(embedded: str) -> tuple[int, int]:
 
 
 def course_preset(module: Literal["SGR", "SAF"] = "SGR", embedded: Literal["tiny", "course"] = "course") -> RunConfig:
-    """CPU-sized SGRAF (sgraf.md §9) on an embedded set: d = 64, s = 16, word_dim 32, batch 32,
-    lr 1e-3 (the synthetic signal is weak at 2e-4, §9), decay at ~2/3 of the epochs."""
+    """CPU-sized SGRAF (sgraf.md §9) on an embedded set: d = 64, s = 16, word dim 32, batch 32,
+    Adam lr 1e-3 (§9: the synthetic signal is weak at 2e-4), decay at ~2/3 of the epochs.
+
+    Two departures from the paper recipe, both because the small model does not learn without
+    them (measured on the embedded sets and on a toy task, see docs/sgraf.md):
+    - no dropout: at d = 64 a 0.4 dropout on the word embeddings and the self-attention layers
+      leaves SAF at chance;
+    - sum-of-hinges warm-up for the first ~third of the epochs: with sigmoid scores, hardest
+      negatives from the first step shrink every score to one value before the model ranks
+      anything (loss stuck at ``2 * batch * margin``).
+    """
     n_regions, feature_dim = embedded_shape(embedded)
-    epochs = 10 if embedded == "course" else 2
+    epochs = 6 if embedded == "course" else 2
     return RunConfig(
         method="sgraf",
-        model=SGRAFConfig(module=module, img_dim=feature_dim, embed_size=64, sim_dim=16, num_regions=n_regions),
+        model=SGRAFConfig(
+            module=module, img_dim=feature_dim, embed_size=64, sim_dim=16, num_regions=n_regions,
+            word_dropout=0.0, self_attention_dropout=0.0,
+        ),
         text=TextConfig(kind="bigru", word_dim=32),
         data=DataConfig(data_dir=None, embedded_preset=embedded, region_drop=0.0, caption_augment=False),
         train=dataclasses.replace(
-            _reference_train(epochs, max(1, (2 * epochs) // 3)), batch_size=32, lr=1e-3, eval_batch_size=128
+            _reference_train(epochs, max(1, (2 * epochs) // 3)), batch_size=32, lr=1e-3, eval_batch_size=128,
+            sum_warmup_epochs=max(1, epochs // 3),  # course: 2 of 6 epochs; smoke: 1 of 2
         ),
     )
 
