@@ -255,6 +255,6 @@ def test_gradients_match_finite_differences(coding):
     captions = torch.randn(2, 6, 5, dtype=torch.float64, generator=g, requires_grad=True)
     img_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
     cap_mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    for pooling in ("lse", "mean", "softmax"):
+    for pooling in ("lse", "softmax"):  # mean/sum/max are linear or selections of the same codes
         f = lambda a, b: C.coded_similarity(a, img_mask, b, cap_mask, coding, pooling)  # noqa: E731
         assert torch.autograd.gradcheck(f, (images, captions))
