@@ -119,6 +119,41 @@ def notebook_run_config(
     return replace_nested(cfg, overrides)
 
 
+def comparison_run(
+    method: str,
+    preset: str,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    epochs: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+):
+    """Train (or reuse) a method a notebook compares against, e.g. VSE∞ beside SCAN.
+
+    Runs live in ``<out_dir>/../_shared_runs/<method>-<preset>-seed<seed>-<config hash>``, so
+    in one course run the first notebook that needs VSE∞ trains it and the later ones reuse the
+    finished run (the trainer returns a finished run without training). A notebook run on its own
+    simply trains it: nothing depends on what another notebook left behind, and the config hash
+    keeps runs of different settings apart. ``preset`` may be a method variant preset such as
+    ``course-t2i-avg``; ``paper-*`` variants of another method fall back to that method's
+    ``paper`` preset. Returns the trainer's :class:`~itmkit.train.trainer.RunResult`.
+    """
+    import hashlib
+
+    from itmkit.methods.registry import get_method
+    from itmkit.train.trainer import train
+
+    presets = get_method(method).presets
+    if preset not in presets:
+        preset = preset.split("-")[0]  # a variant of another method: the base recipe of this one
+    cfg = notebook_run_config(method, preset, data_dir=data_dir, epochs=epochs, device=device, seed=seed)
+    digest = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:8]
+    folder = Path(out_dir).resolve().parent / "_shared_runs" / f"{method}-{cfg.preset}-seed{seed}-{digest}"
+    return train(cfg, folder, resume=True, progress=progress)
+
+
 def _scalar(key: str, value: Any, path: Path) -> Any:
     """A JSON scalar for ``metrics.json``; numpy/torch scalars are unwrapped, nesting refused."""
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:

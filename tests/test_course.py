@@ -208,3 +208,18 @@ def test_notebook_run_config_applies_parameters_to_the_method_preset(monkeypatch
         course.notebook_run_config("toy", "smoke", epochs=0)
     with pytest.raises(KeyError, match="no preset 'huge'"):
         course.notebook_run_config("toy", "huge")
+
+
+def test_comparison_run_trains_once_and_is_reused(tmp_path):
+    from itmkit.course import comparison_run
+
+    first = comparison_run("vse_infty", "smoke", tmp_path / "04_scan", epochs=1, seed=3)
+    marker = first.out_dir / "result.json"
+    stamp = marker.stat().st_mtime_ns
+    again = comparison_run("vse_infty", "smoke", tmp_path / "07_esl", epochs=1, seed=3)
+    assert again.out_dir == first.out_dir
+    assert first.out_dir.parent == (tmp_path / "_shared_runs").resolve()
+    assert marker.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert again.best_rsum == first.best_rsum
+    other = comparison_run("vse_infty", "smoke-i2t-lse", tmp_path / "05_sgraf", epochs=1, seed=4)
+    assert other.out_dir != first.out_dir  # another seed: another run

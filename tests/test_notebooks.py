@@ -59,9 +59,17 @@ def test_committed_notebook_is_clean(path):
     )
 
 
+@pytest.fixture(scope="module")
+def course_out(tmp_path_factory):
+    """One output root for all smoke runs, as in a real course run: comparison baselines trained
+    by one notebook (``_shared_runs``) are reused by the next, and each notebook has its own folder."""
+    return tmp_path_factory.mktemp("course")
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_smoke(path, tmp_path):
+def test_notebook_runs_on_smoke(path, course_out):
+    tmp_path = course_out
     frame = course.run_course([path.stem], preset="smoke", out=tmp_path, progress=False)
     row = frame.iloc[0]
     assert row["status"] == "ok", f"{path.stem} failed: {row['error']} (see {tmp_path / path.stem / path.name})"
