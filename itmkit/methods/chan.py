@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
-from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
-from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
+from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models import coding
@@ -286,11 +285,6 @@ def _paper(dataset: Literal["f30k", "coco"], text: Literal["bigru", "bert"]) -> 
     )
 
 
-def _embedded_feature_dim(name: str) -> int:
-    """Region feature size of the embedded set ``name`` (None in its preset = the extractor's own)."""
-    return EMBEDDED_PRESETS[name].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
-
-
 def _course() -> RunConfig:
     """§9 sized for the embedded ``course`` set: d 64, self-attention (8 heads), BiGRU word_dim 32,
     VHA + LSE(0.1), margin 0.05, AdamW wd 0.01, region/token drop, clip 2.
@@ -304,7 +298,7 @@ def _course() -> RunConfig:
     return RunConfig(
         method="chan",
         model=CHANConfig(
-            embed_size=64, img_dim=_embedded_feature_dim("course"), image_encoder="selfattention", attention_heads=8
+            embed_size=64, img_dim=embedded_feature_dim("course"), image_encoder="selfattention", attention_heads=8
         ),
         text=TextConfig(kind="bigru", word_dim=32),
         data=DataConfig(embedded_preset="course", region_drop=0.2, caption_augment=True),
@@ -327,7 +321,7 @@ def _smoke() -> RunConfig:
     """Every code path on the embedded ``tiny`` set in seconds; numbers are not judged."""
     cfg = _course()
     cfg.model = CHANConfig(
-        embed_size=32, img_dim=_embedded_feature_dim("tiny"), image_encoder="selfattention", attention_heads=4
+        embed_size=32, img_dim=embedded_feature_dim("tiny"), image_encoder="selfattention", attention_heads=4
     )
     cfg.text = TextConfig(kind="bigru", word_dim=16)
     cfg.data = DataConfig(embedded_preset="tiny", region_drop=0.2, caption_augment=True)

@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
-from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
-from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
+from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models.base import MatchingModel
@@ -411,10 +410,6 @@ def build(run_cfg: RunConfig, vocab_size: int | None) -> ESL:
 
 
 # ------------------------------------------------------------------------------ presets (§5, §9)
-def _embedded_feature_dim(name: str) -> int:
-    return EMBEDDED_PRESETS[name].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
-
-
 def paper_preset(dataset: Literal["f30k", "coco"], variant: Literal["H", "A"]) -> RunConfig:
     """``train_region_{f30k,coco}.sh`` (§5): D 512, k 2, BERT (all tokens), batch 128, AdamW lr 5e-4
     wd 1e-4 (BERT at lr x 0.1), x0.1 at epoch 15 of 30 (f30k) / 10 of 20 (COCO), clip 2, margin
@@ -464,7 +459,7 @@ def course_preset(variant: Literal["H", "A"] = "H") -> RunConfig:
     epoch, clip 2, region drop 0.2 (padded regions masked)."""
     return RunConfig(
         method="esl",
-        model=ESLConfig(variant=variant, embed_size=256, img_dim=_embedded_feature_dim("course")),
+        model=ESLConfig(variant=variant, embed_size=256, img_dim=embedded_feature_dim("course")),
         text=TextConfig(kind="bigru", word_dim=32),
         data=DataConfig(embedded_preset="course", region_drop=0.2, caption_augment=True),
         train=TrainConfig(
@@ -486,7 +481,7 @@ def course_preset(variant: Literal["H", "A"] = "H") -> RunConfig:
 def smoke_preset(variant: Literal["H", "A"] = "H") -> RunConfig:
     """Every code path on the embedded ``tiny`` set in seconds; numbers are not judged."""
     cfg = course_preset(variant)
-    cfg.model = ESLConfig(variant=variant, embed_size=256, img_dim=_embedded_feature_dim("tiny"))
+    cfg.model = ESLConfig(variant=variant, embed_size=256, img_dim=embedded_feature_dim("tiny"))
     cfg.text = TextConfig(kind="bigru", word_dim=16)
     cfg.data = DataConfig(embedded_preset="tiny", region_drop=0.2, caption_augment=True)
     cfg.train.epochs = 2

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from itmkit.checkpoints import compare_state_dicts, opt_value, read_reference_checkpoint, strip_prefix
-from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
-from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
+from itmkit.data.embedded import embedded_feature_dim
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
@@ -292,11 +291,6 @@ def paper_preset(
         ),
         train=_reference_train(lr, epochs, lr_update),
     )
-
-
-def embedded_feature_dim(embedded: str) -> int:
-    """Region feature size of an embedded set preset, from the data module's own settings."""
-    return EMBEDDED_PRESETS[embedded].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
 
 
 def course_preset(

@@ -27,7 +27,7 @@ from torch import Tensor
 from itmkit.checkpoints import compare_state_dicts, opt_value, read_reference_checkpoint, strip_prefix
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
-from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
+from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models.base import MatchingModel
@@ -217,7 +217,7 @@ def embedded_shape(embedded: str) -> tuple[int, int]:
     """``(n_regions, feature_dim)`` of an embedded set preset, from the data module's own settings
     (VisualSA's BatchNorm needs the exact region count)."""
     preset = EMBEDDED_PRESETS[embedded]
-    return preset.n_regions, preset.feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
+    return preset.n_regions, embedded_feature_dim(embedded)
 
 
 def course_preset(module: Literal["SGR", "SAF"] = "SGR", embedded: Literal["tiny", "course"] = "course") -> RunConfig:

@@ -28,8 +28,7 @@ from itmkit.checkpoints import (
     strip_prefix,
 )
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
-from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
-from itmkit.data.region_features import EFFICIENTNET_LITE0_FEATURE_DIM
+from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models.base import MatchingModel
@@ -156,12 +155,6 @@ def build(run_cfg: RunConfig, vocab_size: int | None) -> VSEInfty:
 
 
 # ----------------------------------------------------------------------------- presets
-
-
-def embedded_feature_dim(name: str) -> int:
-    """Region feature size ``D`` of the embedded set ``name`` (``None`` in its preset = the
-    default extractor's own size), so the CPU presets follow the data layer's settings."""
-    return EMBEDDED_PRESETS[name].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
 
 
 def _shipped_vocab(dataset: str) -> str | None:

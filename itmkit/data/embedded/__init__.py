@@ -11,8 +11,9 @@ from itmkit.data.embedded.build import (
     EmbeddedPreset,
     build_embedded,
     embedded_dataset,
+    embedded_feature_dim,
     folder_name,
     is_complete,
 )
 
-__all__ = ["PRESETS", "EmbeddedPreset", "build_embedded", "embedded_dataset", "folder_name", "is_complete"]
+__all__ = ["PRESETS", "EmbeddedPreset", "build_embedded", "embedded_dataset", "embedded_feature_dim", "folder_name", "is_complete"]

@@ -114,6 +114,13 @@ def default_extractor(preset: EmbeddedPreset) -> CNNRoIExtractor:
     )
 
 
+def embedded_feature_dim(name: str) -> int:
+    """Region feature size ``D`` of the embedded preset ``name``: its ``feature_dim``, or the
+    default extractor's own size when that is ``None``. Method presets size their image encoders
+    with it, so they follow the data layer when its settings change."""
+    return PRESETS[name].feature_dim or EFFICIENTNET_LITE0_FEATURE_DIM
+
+
 def folder_name(preset: EmbeddedPreset, seed: int, extractor_name: str, feature_dim: int) -> str:
     """``<preset>-seed<seed>-<extractor>-<K>x<D>``; a preset that differs from the registered one
     of its name gets a short hash of its fields, so two custom presets never share a cache."""
