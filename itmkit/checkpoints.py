@@ -156,3 +156,18 @@ def opt_value(opt: Any, name: str, default: Any = None) -> Any:
         return opt.get(name, default)
     return getattr(opt, name, default)
 
+
+
+def apply_reference_recipe(train: Any, opt: Any, recipe: Mapping[str, tuple[str, Any]]) -> None:
+    """Copy the training settings a reference checkpoint stored in ``opt`` onto ``train``.
+
+    ``recipe`` maps our :class:`~itmkit.config.TrainConfig` field to ``(reference opt name, cast)``;
+    names the checkpoint lacks keep our value. ``lr_update`` (the one step decay) becomes
+    ``lr_decay_epochs``.
+    """
+    for ours, (theirs, cast) in recipe.items():
+        value = opt_value(opt, theirs)
+        if value is not None:
+            setattr(train, ours, cast(value))
+    if opt_value(opt, "lr_update") is not None:
+        train.lr_decay_epochs = (int(opt_value(opt, "lr_update")),)

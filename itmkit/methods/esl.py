@@ -583,7 +583,7 @@ def convert_checkpoint(
     ``lynorm_l.*`` -> ``level_norms.l.*``. ``hf_path``: local folder of the BERT it was trained
     with (``bert-base-uncased``). Load with :func:`load_reference_checkpoint` (strict).
     """
-    from itmkit.checkpoints import opt_value, read_reference_checkpoint, strip_prefix
+    from itmkit.checkpoints import apply_reference_recipe, opt_value, read_reference_checkpoint, strip_prefix
 
     name = str(source) if isinstance(source, (str, Path)) else "checkpoint dict"
     checkpoint = read_reference_checkpoint(source) if isinstance(source, (str, Path)) else dict(source)
@@ -637,12 +637,7 @@ def convert_checkpoint(
         "margin": ("margin", float), "grad_clip": ("grad_clip", float),
         "sum_warmup_epochs": ("vse_mean_warmup_epochs", int),
     }  # fmt: skip
-    for ours, (theirs, cast) in recipe.items():
-        value = opt_value(opt, theirs)
-        if value is not None:
-            setattr(train, ours, cast(value))
-    if opt_value(opt, "lr_update") is not None:
-        train.lr_decay_epochs = (int(opt_value(opt, "lr_update")),)
+    apply_reference_recipe(train, opt, recipe)
     return run_cfg, state
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from itmkit.checkpoints import (
     LoadReport,
     StateDict,
+    apply_reference_recipe,
     load_strict,
     opt_value,
     read_reference_checkpoint,
@@ -359,12 +360,7 @@ def convert_checkpoint(source: str | Path | dict[str, Any], hf_path: str | None 
         "max_violation": ("max_violation", bool),
         "sum_warmup_epochs": ("vse_mean_warmup_epochs", int),
     }
-    for ours, (theirs, cast) in recipe.items():
-        value = opt_value(opt, theirs)
-        if value is not None:
-            setattr(train, ours, cast(value))
-    if opt_value(opt, "lr_update") is not None:
-        train.lr_decay_epochs = (int(opt_value(opt, "lr_update")),)
+    apply_reference_recipe(train, opt, recipe)
     return run_cfg, state
 
 
