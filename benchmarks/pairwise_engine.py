@@ -8,14 +8,17 @@ unit vectors. In one run, on the same inputs, it times
     all images, materialising the ``[n_img, L, d]`` attended vectors; fp32), and
 (b) :func:`itmkit.similarity.engine.pairwise_similarity` on the full matrix,
 
-for SCAN t2i (and i2t, and SGRAF when ``itmkit.methods.sgraf`` exists), and prints times, ratio,
-peak memory of each, effective GFLOP/s and the max abs difference. The full loop takes ~11 min on
-a 2-core CPU: ``--loop-captions N`` times it on the first N captions and extrapolates (the output
-says so).
+for SCAN t2i (and i2t) and SGRAF's two models SGR and SAF, and prints times, ratio, peak memory of
+each, the max abs difference, and the arithmetic: FLOPs of the loop and of the engine, the
+machine's measured GEMM rate, and the fastest the engine's arithmetic could possibly run at that
+rate (``floor s``) with the speed-up that would give (``bound``). The full SCAN loop takes ~11 min
+on a 2-core CPU, SGR's ~40: ``--loop-captions N`` / ``--sgraf-loop-captions N`` time the loops on
+the first N captions and extrapolate (the output says so).
 
     python benchmarks/pairwise_engine.py              # f30k shapes, loop on 500 captions
     python benchmarks/pairwise_engine.py --quick      # 100 x 500, a few seconds
     python benchmarks/pairwise_engine.py --loop-captions 5000   # the whole loop (~11 min)
+    python benchmarks/pairwise_engine.py --methods sgr,saf --sgraf-captions 5000   # full SGRAF
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,12 +135,87 @@ def reference_loop_scan(images: Encoded, captions: Encoded, cfg: SCANConfig, n_c
     return out
 
 
-def reference_loop_blocks(model, images: Encoded, captions: Encoded, n_captions: int) -> torch.Tensor:
-    """The reference structure for any pairwise method: one caption at a time, all images."""
-    out = torch.empty(len(images), n_captions)
+def reference_loop_sgraf(model, images: Encoded, captions: Encoded, n_captions: int) -> torch.Tensor:
+    """SGRAF's ``EncoderSimilarity.forward`` as the reference writes it (sgraf.md §3.3, eval mode):
+    for each caption, slice its valid words, repeat them for every image, SCAN t2i attention with
+    λ = 9 and the attended vectors l2-normalised, the ``[n_img, L_j + 1, s]`` similarity graph,
+    then SGR (every step on every node, three ``s x s`` linears each) or SAF. The global vectors
+    (VisualSA / TextSA) are the precomputed ``extras["global"]`` of both inputs, as for the
+    engine. Independent of :mod:`itmkit.models.sgraf_modules` apart from the weights."""
+    sim = model.sim
+    img, img_glo = images.feats, images.extras["global"]
+    n_img = img.shape[0]
+
+    def l2n(x):
+        return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+
+    out = torch.empty(n_img, n_captions)
     for j in tqdm(range(n_captions), desc="reference loop", unit="caption", leave=False):
-        out[:, j] = model.score_block(images, captions.slice(j, j + 1))[:, 0]
+        cap = captions.feats[j, : int(captions.lengths[j])].unsqueeze(0).repeat(n_img, 1, 1)  # [n, L, d]
+        attn = F.leaky_relu(torch.bmm(img, cap.transpose(1, 2)), 0.1)  # [n, R, L]
+        attn = attn / (attn.norm(dim=2, keepdim=True) + 1e-8)
+        attn = torch.softmax(attn.transpose(1, 2) * 9.0, dim=2)  # [n, L, R]
+        ctx = l2n(torch.bmm(attn, img))  # [n, L, d]
+        sim_loc = l2n(sim.sim_tranloc_w((ctx - cap) ** 2))
+        sim_glo = l2n(sim.sim_tranglo_w((img_glo - captions.extras["global"][j]) ** 2))
+        x = torch.cat([sim_glo[:, None], sim_loc], 1)  # [n, L + 1, s]
+        if sim.module_name == "SGR":
+            for step in sim.SGR_module:
+                edges = torch.softmax(torch.bmm(step.graph_query_w(x), step.graph_key_w(x).transpose(1, 2)), -1)
+                x = torch.relu(step.sim_graph_w(torch.bmm(edges, x)))
+            v = x[:, 0]
+        else:
+            saf, bn = sim.SAF_module, sim.SAF_module.bn
+            a = saf.attn_sim_w(x)[..., 0]
+            a = torch.sigmoid((a - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias)
+            a = a / (a.abs().sum(1, keepdim=True) + 1e-8)
+            v = l2n((a[..., None] * x).sum(1))
+        out[:, j] = torch.sigmoid(sim.sim_eval_w(v))[:, 0]
     return out
+
+
+def sgraf_flops(module: str, lengths: np.ndarray, n_img: int, R: int, d: int, s: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """FLOPs per caption column (``[n_cap]`` each, all images): ``(reference loop, engine)``.
+
+    Both: attention ``4 R L d``, local projection ``2 L d s``, global node ``2 d s``. SGR, per
+    step on ``P = L + 1`` nodes: the reference ``3 · 2 P s²`` (three linears) + ``2 · 2 P² s``
+    (edges, messages); the engine ``2 P (2s) s`` (one fused ``[s, 2s]`` GEMM) + ``2 · 2 P² s``
+    for every step but the last, which updates the read-out node only (``2 · 2 s² + 2 · 2 P s``).
+    """
+    L = lengths.astype(np.float64)
+    P = L + 1
+    common = 4 * R * L * d + 2 * L * d * s + 2 * d * s
+    if module == "SGR":
+        ref = common + steps * (3 * 2 * P * s * s + 2 * 2 * P * P * s)
+        eng = common + (steps - 1) * (2 * P * 2 * s * s + 2 * 2 * P * P * s) + (2 * 2 * s * s + 2 * 2 * P * s)
+    else:  # SAF: gates and the weighted sum
+        ref = eng = common + 2 * P * s * 2
+    return ref * n_img, eng * n_img
+
+
+def scan_flops(direction: str, lengths: np.ndarray, n_img: int, R: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """FLOPs per caption column: ``(reference loop, engine)``. The loop: scores ``2 R L d``, the
+    attended vectors ``2 R L d``, cosines ``4 Q d`` (``Q`` queries: words for t2i, regions for
+    i2t). The engine takes the cosines from the scores and a Gram matrix of the context items
+    (scan.md §3.5): ``2 R L d`` plus ``2 C² Q`` (``C`` context items)."""
+    L = lengths.astype(np.float64)
+    queries, context = (L, R) if direction == "t2i" else (R, L)
+    ref = 4 * R * L * d + 4 * queries * d
+    eng = 2 * R * L * d + 2 * context * context * queries
+    return ref * n_img, eng * n_img
+
+
+def measure_gemm_gflops(d: int, s: int, seconds: float = 1.5) -> float:
+    """The machine's fp32 GEMM rate on the engine's dominant shape ``[8192, d] x [d, s]``
+    (best of repeated runs), the yardstick for the arithmetic floor."""
+    a, b = torch.randn(8192, d), torch.randn(d, s)
+    a @ b
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 8192 * d * s / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 # --------------------------------------------------------------------------- one comparison
@@ -158,11 +236,20 @@ class Row:
     engine_extra_gib: float | None
     engine_gflops: float
     max_abs_diff: float
+    loop_gflops: float
+    loop_tflop_full: float
+    engine_tflop: float
+    gemm_peak_gflops: float
+    floor_seconds: float
+    speedup_bound: float
 
 
-def compare(name, model, images, captions, loop_fn, loop_captions, budget, flops_per_word_region) -> Row:
+def compare(name, model, images, captions, loop_fn, loop_captions, budget, flops, gemm_peak) -> Row:
+    """Time ``loop_fn(loop_captions)`` and the engine on the same inputs. ``flops = (loop, engine)``:
+    FLOPs per caption column (``[n_cap]`` arrays)."""
     n_img, n_cap = len(images), len(captions)
     loop_captions = min(loop_captions, n_cap)
+    loop_flops, engine_flops = (np.asarray(f, dtype=np.float64) for f in flops)
     with torch.no_grad():
         with PeakMemory() as loop_mem:
             start = time.perf_counter()
@@ -172,16 +259,23 @@ def compare(name, model, images, captions, loop_fn, loop_captions, budget, flops
             start = time.perf_counter()
             sims = pairwise_similarity(model, images, captions, memory_budget=budget, progress=True, desc=name)
             engine_time = time.perf_counter() - start
-    full_loop = loop_time * n_cap / loop_captions
-    words = float(captions.lengths.sum())
-    regions = images.feats.shape[1]
-    gflops = flops_per_word_region * n_img * regions * words / engine_time / 1e9
+    # the loop's full time scales with its arithmetic (captions differ in length)
+    full_loop = loop_time * loop_flops.sum() / loop_flops[:loop_captions].sum()
+    floor = engine_flops.sum() / (gemm_peak * 1e9)
     diff = float((sims[:, :loop_captions] - loop).abs().max())
     return Row(
         name, n_img, n_cap, loop_captions, loop_time, full_loop, loop_captions < n_cap, engine_time,
         full_loop / engine_time, loop_mem.peak_gib, loop_mem.extra_gib, engine_mem.peak_gib,
-        engine_mem.extra_gib, gflops, diff,
+        engine_mem.extra_gib, engine_flops.sum() / engine_time / 1e9, diff,
+        loop_flops[:loop_captions].sum() / loop_time / 1e9, loop_flops.sum() / 1e12, engine_flops.sum() / 1e12,
+        gemm_peak, floor, full_loop / floor,
     )  # fmt: skip
+
+
+def with_gemm_peak(row: Row, gemm_peak: float) -> Row:
+    """``row`` with its floor and bound recomputed for the GEMM rate ``gemm_peak`` (GFLOP/s)."""
+    floor = row.engine_tflop * 1e12 / (gemm_peak * 1e9)
+    return replace(row, gemm_peak_gflops=gemm_peak, floor_seconds=floor, speedup_bound=row.loop_seconds_full / floor)
 
 
 def _fmt(value, spec: str) -> str:
@@ -192,7 +286,8 @@ def report(rows: list[Row], notes: list[str]) -> str:
     lines = [*notes, ""]
     header = (
         f"{'method':<12} {'matrix':>11} {'loop s':>9} {'engine s':>9} {'speedup':>8} "
-        f"{'loop GiB':>9} {'eng GiB':>8} {'eng +GiB':>8} {'GFLOP/s':>8} {'max|diff|':>10}"
+        f"{'loop GiB':>9} {'eng GiB':>8} {'eng +GiB':>8} {'max|diff|':>10} {'loop TF':>8} {'eng TF':>7} "
+        f"{'loop GF/s':>9} {'eng GF/s':>8} {'floor s':>8} {'bound':>6}"
     )
     lines += [header, "-" * len(header)]
     for r in rows:
@@ -200,7 +295,9 @@ def report(rows: list[Row], notes: list[str]) -> str:
         lines.append(
             f"{r.method:<12} {f'{r.n_images}x{r.n_captions}':>11} {loop:>9} {r.engine_seconds:>9.1f} "
             f"{r.speedup:>7.1f}x {_fmt(r.loop_peak_gib, '.2f'):>9} {_fmt(r.engine_peak_gib, '.2f'):>8} "
-            f"{_fmt(r.engine_extra_gib, '.2f'):>8} {r.engine_gflops:>8.1f} {r.max_abs_diff:>10.2e}"
+            f"{_fmt(r.engine_extra_gib, '.2f'):>8} {r.max_abs_diff:>10.2e} {r.loop_tflop_full:>8.2f} "
+            f"{r.engine_tflop:>7.2f} {r.loop_gflops:>9.1f} {r.engine_gflops:>8.1f} {r.floor_seconds:>8.1f} "
+            f"{r.speedup_bound:>5.1f}x"
         )
     if any(r.loop_extrapolated for r in rows):
         lines.append(
@@ -210,8 +307,11 @@ def report(rows: list[Row], notes: list[str]) -> str:
         )
     lines.append(
         "GiB: peak resident memory of the process during the phase (inputs included); eng +GiB: above "
-        "the RSS at the start of the engine phase. GFLOP/s counts the word-region GEMM work "
-        "(2·R·d per word-region pair; SGRAF: per its own count)."
+        "the RSS at the start of the engine phase. TF: TFLOP of the full matrix (loop: the reference's "
+        "arithmetic; eng: the engine's, which skips work the loop does, see sgraf_flops / scan_flops). "
+        f"floor s: the engine's TFLOP at the measured GEMM rate ({rows[0].gemm_peak_gflops:.0f} GFLOP/s), "
+        "the fastest it could run; bound: loop time / floor s, the largest speed-up that arithmetic allows."
+        if rows else ""
     )
     return "\n".join(lines)
 
@@ -224,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--loop-captions", type=int, default=500, help="time the loop on this many captions and extrapolate")
-    parser.add_argument("--methods", default="scan-t2i,sgraf", help="comma list of scan-t2i, scan-i2t, sgraf")
+    parser.add_argument("--methods", default="scan-t2i,sgr,saf", help="comma list of scan-t2i, scan-i2t, sgr, saf (sgraf = both)")
     parser.add_argument("--sgraf-captions", type=int, default=1000, help="SGRAF runs on this many captions (slow method)")
     parser.add_argument("--sgraf-loop-captions", type=int, default=50, help="time SGRAF's loop on this many captions")
     parser.add_argument("--budget-mib", type=float, default=None, help="engine memory budget (default: the engine's)")
@@ -252,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'default' if budget is None else f'{args.budget_mib:g} MiB'}; inputs "
         f"{(images.feats.numel() + captions.feats.numel()) * 4 / 2**30:.2f} GiB",
     ]
+    gemm_peak = measure_gemm_gflops(args.dim, 256)
     rows: list[Row] = []
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [part for m in methods for part in (("sgr", "saf") if m == "sgraf" else (m,))]
     for method in methods:
         if method in ("scan-t2i", "scan-i2t"):
             direction = method.split("-")[1]
@@ -262,19 +364,27 @@ def main(argv: list[str] | None = None) -> int:
                 lambda_softmax=9.0 if direction == "t2i" else 4.0, lambda_lse=6.0 if direction == "t2i" else 5.0,
             )  # fmt: skip
             model = SCAN(cfg, TextConfig(kind="bigru", word_dim=4), vocab_size=8).eval()
+            flops = scan_flops(direction, captions.lengths.numpy(), args.images, args.regions, args.dim)
             rows.append(
                 compare(
                     method, model, images, captions,
                     lambda n, cfg=cfg: reference_loop_scan(images, captions, cfg, n),
-                    args.loop_captions, budget, 2 * args.dim,
+                    args.loop_captions, budget, flops, gemm_peak,
                 )  # fmt: skip
             )
-        elif method == "sgraf":
-            row = _sgraf_row(args, images, captions, budget, generator, notes)
-            if row is not None:
-                rows.append(row)
+        elif method in ("sgr", "saf"):
+            rows.append(_sgraf_row(method.upper(), args, images, captions, budget, generator, notes, gemm_peak))
         else:
-            parser.error(f"--methods: expected scan-t2i, scan-i2t or sgraf, found {method!r}")
+            parser.error(f"--methods: expected scan-t2i, scan-i2t, sgr, saf or sgraf (both), found {method!r}")
+    # a shared or frequency-scaling machine drifts by tens of percent: the yardstick is the best
+    # GEMM rate seen before and after the runs, so the floor is never overstated
+    gemm_start, gemm_end = gemm_peak, measure_gemm_gflops(args.dim, 256)
+    gemm_peak = max(gemm_start, gemm_end)
+    notes.append(
+        f"measured fp32 GEMM rate [8192, {args.dim}] x [{args.dim}, 256]: {gemm_start:.0f} GFLOP/s before, "
+        f"{gemm_end:.0f} after; the floor uses {gemm_peak:.0f}"
+    )
+    rows = [with_gemm_peak(r, gemm_peak) for r in rows]
     print(report(rows, notes), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -282,29 +392,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _sgraf_row(args, images, captions, budget, generator, notes) -> Row | None:
-    try:
-        from itmkit.methods import sgraf
-    except ImportError:
-        notes.append("SGRAF: itmkit.methods.sgraf not importable, skipped")
-        return None
-    cfg = sgraf.SGRAFConfig(img_dim=4, embed_size=args.dim, num_regions=args.regions)
+def _sgraf_row(module, args, images, captions, budget, generator, notes, gemm_peak) -> Row:
+    from itmkit.methods import sgraf
+
+    cfg = sgraf.SGRAFConfig(module=module, img_dim=4, embed_size=args.dim, num_regions=args.regions)
     model = sgraf.SGRAF(cfg, TextConfig(kind="bigru", word_dim=4), 8).eval()
     n_cap = min(args.sgraf_captions, len(captions))
     caps = captions.slice(0, n_cap)
     d = args.dim
+    # the global vectors are image-only / caption-only (VisualSA, TextSA): given, as to the engine
     img_global = F.normalize(torch.randn(len(images), d, generator=generator), dim=-1)
     cap_global = F.normalize(torch.randn(n_cap, d, generator=generator), dim=-1)
     images_g = Encoded(images.feats, images.lengths, {"global": img_global})
     caps_g = Encoded(caps.feats, caps.lengths, {"global": cap_global})
-    notes.append(f"SGRAF (random weights, s={cfg.sim_dim}, {cfg.module}) on the first {n_cap} captions")
-    # SGRAF's own cost model is method-specific; count the same word-region attention GEMM
-    # plus the sim_tranloc_w projection (2·d·s per word, spread over the R regions)
-    per_word_region = 2 * d + 2 * d * cfg.sim_dim / args.regions
+    notes.append(f"{module}: random weights, d={d}, s={cfg.sim_dim}, {cfg.sgr_step} steps, first {n_cap} captions")
+    flops = sgraf_flops(module, caps.lengths.numpy(), len(images), args.regions, d, cfg.sim_dim, cfg.sgr_step)
     return compare(
-        "sgraf", model, images_g, caps_g,
-        lambda n: reference_loop_blocks(model, images_g, caps_g, n),
-        min(args.sgraf_loop_captions, n_cap), budget, per_word_region,
+        module.lower(), model, images_g, caps_g,
+        lambda n: reference_loop_sgraf(model, images_g, caps_g, n),
+        min(args.sgraf_loop_captions, n_cap), budget, flops, gemm_peak,
     )  # fmt: skip
 
 

@@ -132,6 +132,31 @@ def test_reduced_precision_is_a_cuda_option(toy_data):
     assert default_memory_budget(torch.device("cpu")) > 0
 
 
+def test_cpu_budget_follows_the_cache_and_training_keeps_big_blocks(monkeypatch):
+    import itmkit.similarity.engine as engine
+
+    low, high = engine.CPU_BUDGET_RANGE
+    for cache, expected in [(32 << 20, 16 << 20), (1 << 20, low), (1 << 30, high), (None, engine.DEFAULT_CPU_BUDGET)]:
+        monkeypatch.setattr(engine, "last_level_cache_bytes", lambda cache=cache: cache)
+        monkeypatch.setattr(engine.os, "sysconf", lambda name: 1 << 40 if name == "SC_AVPHYS_PAGES" else 1)
+        assert engine.default_memory_budget(torch.device("cpu")) == expected
+        assert engine.default_memory_budget(torch.device("cpu"), training=True) == engine.DEFAULT_CPU_TRAIN_BUDGET
+    # a small machine: a quarter of the free RAM caps both
+    monkeypatch.setattr(engine.os, "sysconf", lambda name: 4 << 20 if name == "SC_AVPHYS_PAGES" else 1)
+    assert engine.default_memory_budget(torch.device("cpu"), training=True) == 1 << 20
+
+
+def test_last_level_cache_parses_sysfs_sizes(monkeypatch, tmp_path):
+    import itmkit.similarity.engine as engine
+
+    for index, size in enumerate(["32K", "512K", "32768K", "junk"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    real_path = engine.Path
+    monkeypatch.setattr(engine, "Path", lambda p: real_path(str(p).replace("/sys/devices/system/cpu/cpu0/cache", str(tmp_path))))
+    assert engine.last_level_cache_bytes() == 32 << 20
+
+
 # --------------------------------------------------------------------------- SCAN vs per-pair loop
 def scan_one_pair(regions, words, cfg: SCANConfig) -> float:
     """One (image, caption) pair, real items only, written from scan.md §3.3-§3.5 step by step."""

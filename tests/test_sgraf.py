@@ -197,6 +197,27 @@ def test_graph_reasoning_padded_nodes_neither_send_nor_receive():
     assert torch.allclose(first[..., 0, :], out[..., 0, :], atol=1e-14)
 
 
+def test_graph_reasoning_cached_weights_follow_parameter_updates():
+    # evaluation caches [M | W_r^T]; an optimiser step or load_state_dict must invalidate it
+    torch.manual_seed(3)
+    step, fresh = GraphReasoning(S).double(), GraphReasoning(S).double()
+    nodes = torch.randn(2, 3, 4, S, dtype=torch.float64)
+    mask = torch.ones(1, 3, 4, dtype=torch.bool)
+    with torch.no_grad():
+        step(nodes, mask)
+        step.graph_key_w.weight.add_(0.25)  # in place, like an optimiser step
+        fresh.load_state_dict(step.state_dict())
+        assert torch.allclose(step(nodes, mask)[0], fresh(nodes, mask)[0], atol=1e-12)
+        step.load_state_dict(GraphReasoning(S).double().state_dict())
+        fresh.load_state_dict(step.state_dict())
+        assert torch.allclose(step(nodes, mask)[0], fresh(nodes, mask)[0], atol=1e-12)
+    # with autograd the weights get gradients through the fused product
+    out, _ = step(nodes, mask)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in
+               (step.graph_query_w.weight, step.graph_key_w.weight, step.sim_graph_w.weight, step.sim_graph_w.bias))
+
+
 def test_saf_weights_are_l1_normalised_over_valid_nodes():
     torch.manual_seed(0)
     saf = AttentionFiltration(S).double().eval()

@@ -141,7 +141,7 @@ def t2i_attention(
         regions: ``[n, R, d]``; words: ``[c, L, d]`` with padded positions already zero;
         word_mask: ``[c, L]`` bool; region_mask: ``[n, R]`` bool or None (all valid).
         normalise: False skips the final l2 norm (the caller fuses it, see
-            :func:`squared_difference_to_unit`).
+            :func:`local_similarity`).
 
     Returns:
         ``(attended [n, c, L, d], attention [n, c, R, L])`` (attention sums to 1 over ``R``).
@@ -171,15 +171,24 @@ def scan_attention(query: Tensor, context: Tensor, smooth: float = ATTENTION_SMO
     return l2norm(attended, dim=-1, eps=NORM_EPS)
 
 
-def squared_difference_to_unit(attended: Tensor, words: Tensor) -> Tensor:
-    """``(attended / (||attended|| + eps) - words)^2`` for ``attended [n, c, L, d]``, ``words [c, L, d]``.
+def local_similarity(attended: Tensor, words: Tensor, linear: nn.Linear) -> Tensor:
+    """``W_loc (attended / (||attended|| + eps) - words)^2 + b`` (§3.3 d, before its l2 norm).
 
-    Without autograd the huge ``[n, c, L, d]`` tensor is updated in place (one buffer instead of
-    three, which is what bounds block sizes); with autograd the same maths out of place."""
-    norm = torch.linalg.vector_norm(attended, dim=-1, keepdim=True) + NORM_EPS
+    ``attended [n, c, L, d]`` (not yet normalised), ``words [c, L, d]`` -> ``[n, c, L, s]``.
+
+    The attended-vector norm is folded out of the ``[n, c, L, d]`` tensor: with
+    ``m = ||a|| + eps``, ``(a / m - w)^2 = (a - m w)^2 / m^2``, so the big tensor takes one
+    fused pass (``a - m w``, squared) and the ``1 / m^2`` scale is applied to the ``s``-wide
+    output instead (same value to rounding). Without autograd ``attended`` is overwritten, one
+    buffer instead of three; with autograd the same maths out of place.
+    """
+    norm = torch.linalg.vector_norm(attended, dim=-1, keepdim=True) + NORM_EPS  # [n, c, L, 1]
     if torch.is_grad_enabled():
-        return (attended / norm - words[None]).square()
-    return attended.div_(norm).sub_(words[None]).square_()
+        diff = (attended - norm * words[None]).square()
+    else:
+        diff = attended.addcmul_(norm, words[None], value=-1.0).square_()
+    projected = diff @ linear.weight.t()
+    return torch.addcdiv(linear.bias, projected, norm.square()) if linear.bias is not None else projected / norm.square()
 
 
 class GraphReasoning(nn.Module):
@@ -191,6 +200,24 @@ class GraphReasoning(nn.Module):
         self.graph_query_w = nn.Linear(sim_dim, sim_dim)
         self.graph_key_w = nn.Linear(sim_dim, sim_dim)
         self.sim_graph_w = nn.Linear(sim_dim, sim_dim)
+        self._fused_cache: tuple[tuple, Tensor, Tensor] | None = None
+
+    def _fused_weights(self) -> tuple[Tensor, Tensor]:
+        """``([M | W_rᵀ] [s, 2s], u [s])`` with ``M = W_qᵀ W_k`` and ``u = W_kᵀ b_q``.
+
+        Without autograd they are cached until a parameter changes (``Tensor._version`` counts
+        in-place updates: optimiser steps, ``load_state_dict``), so evaluation builds them once
+        per model instead of once per block."""
+        params = (self.graph_query_w.weight, self.graph_query_w.bias, self.graph_key_w.weight, self.sim_graph_w.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if not torch.is_grad_enabled() and self._fused_cache is not None and self._fused_cache[0] == key:
+            return self._fused_cache[1], self._fused_cache[2]
+        mixed = self.graph_query_w.weight.t() @ self.graph_key_w.weight
+        fused = torch.cat([mixed, self.sim_graph_w.weight.t()], dim=1)
+        offset = self.graph_key_w.weight.t() @ self.graph_query_w.bias
+        if not torch.is_grad_enabled():
+            self._fused_cache = (key, fused, offset)
+        return fused, offset
 
     def forward(self, nodes: Tensor, node_mask: Tensor, queries: slice = slice(None)) -> tuple[Tensor, Tensor]:
         """``nodes [..., P, s]``, ``node_mask [..., P]`` bool (broadcastable) -> ``(new nodes
@@ -199,21 +226,32 @@ class GraphReasoning(nn.Module):
 
         Padded nodes neither send (their key logit is -inf) nor receive (their output is 0).
 
-        The edge logits ``(W_q x_i + b_q) . (W_k x_j + b_k)`` are computed as
-        ``(x_i M + u) . x_j`` with ``M = W_qᵀ W_k`` and ``u = W_kᵀ b_q``: the dropped terms
-        ``x_i . W_qᵀ b_k + b_q . b_k`` are the same for every key ``j`` of query ``i`` and cancel in
-        the softmax. Same edges (to rounding), one ``[s, s]`` product per node instead of two.
+        Two rewrites of the same maths (equal to rounding; ``tests/test_sgraf.py`` checks them
+        against the spec's three-linear form):
+
+        - edge logits ``(W_q x_i + b_q) . (W_k x_j + b_k)`` are ``(x_i M + u) . x_j`` with
+          ``M = W_qᵀ W_k``, ``u = W_kᵀ b_q``: the dropped terms ``x_i . W_qᵀ b_k + b_q . b_k``
+          are the same for every key ``j`` of query ``i`` and cancel in the softmax;
+        - when every node is a query, ``W_r (E x) = E (x W_rᵀ)``, so ``x [M | W_rᵀ]`` is one
+          ``[s, 2s]`` GEMM per node instead of three ``[s, s]`` ones (2/3 of the spec's FLOPs).
         """
         lead, (P, s) = nodes.shape[:-2], nodes.shape[-2:]
         flat = nodes.reshape(-1, P, s)  # one [P, s] graph per pair
-        mixed = self.graph_query_w.weight.t() @ self.graph_key_w.weight  # M [s, s]
-        offset = self.graph_key_w.weight.t() @ self.graph_query_w.bias  # u [s]
-        query = torch.addmm(offset, flat[:, queries].reshape(-1, s), mixed).view(flat.shape[0], -1, s)
+        fused, offset = self._fused_weights()
+        every_node = queries == slice(None)
+        if every_node:
+            projected = (flat.reshape(-1, s) @ fused).view(flat.shape[0], P, 2 * s)
+            query, values = projected[..., :s] + offset, projected[..., s:]
+        else:
+            query = torch.addmm(offset, flat[:, queries].reshape(-1, s), fused[:, :s]).view(flat.shape[0], -1, s)
         # explicit bmm on [pairs, P, s] views: batched matmul of 4-D operands copies them first
         logits = torch.bmm(query, flat.transpose(1, 2)).view(*lead, -1, P)
         edges = _masked_softmax(logits, node_mask[..., None, :], dim=-1)
-        messages = torch.bmm(edges.reshape(-1, edges.shape[-2], P), flat).view(*lead, -1, s)
-        out = torch.relu(self.sim_graph_w(messages))
+        flat_edges = edges.reshape(-1, edges.shape[-2], P)
+        if every_node:
+            out = torch.relu(torch.baddbmm(self.sim_graph_w.bias, flat_edges, values)).view(*lead, -1, s)
+        else:
+            out = torch.relu(self.sim_graph_w(torch.bmm(flat_edges, flat).view(*lead, -1, s)))
         return _zero_padded(out, node_mask[..., queries, None]), edges
 
 
@@ -332,9 +370,8 @@ class SimilarityEncoder(nn.Module):
         attended, attention = t2i_attention(regions, words, word_mask, region_mask, self.smooth, normalise=False)
         if details is not None:  # a copy: the no-grad path below overwrites ``attended``
             details["attended"] = l2norm(attended, dim=-1, eps=NORM_EPS)
-        local = self.sim_tranloc_w(squared_difference_to_unit(attended, words))
+        local = l2norm(local_similarity(attended, words, self.sim_tranloc_w), dim=-1, eps=NORM_EPS)
         del attended
-        local = l2norm(local, dim=-1, eps=NORM_EPS)
         glob_diff = (image_global[:, None, :] - caption_global[None, :, :]).square()
         glob = l2norm(self.sim_tranglo_w(glob_diff), dim=-1, eps=NORM_EPS)
         nodes = torch.cat([glob[:, :, None, :], local], dim=2)

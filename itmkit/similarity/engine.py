@@ -8,8 +8,8 @@ Methods whose score does not factorise (SCAN, SGRAF, CHAN, ESL, ...) supply
 - sorts captions by length (longest first) so each caption block carries little padding, and
   writes results back in the original order,
 - plans blocks so that ``bi * bc * pair_workspace_bytes`` stays under a memory budget
-  (``memory_budget`` bytes; default: half the free CUDA memory, or a CPU budget sized for
-  allocation-free reuse, see :data:`DEFAULT_CPU_BUDGET`). Caption blocks grow as captions get
+  (``memory_budget`` bytes; default: half the free CUDA memory, or on the CPU half the
+  last-level cache, see :func:`default_memory_budget`). Caption blocks grow as captions get
   shorter: each block is sized for its own longest caption,
 - trims each caption block to its longest caption (same scores, fewer padded words),
 - moves blocks to the device (optionally in fp16/bf16 on CUDA; the method accumulates in fp32),
@@ -39,22 +39,59 @@ from itmkit.encoded import Encoded
 if TYPE_CHECKING:
     from itmkit.models.base import MatchingModel
 
-# Block workspace on the CPU. Measured with SCAN t2i at f30k shapes on a 2-core machine
-# (benchmarks/pairwise_engine.py): 64-512 MiB blocks all run near the GEMM limit; bigger blocks
-# only add memory. A quarter of the free RAM caps it on small machines.
-DEFAULT_CPU_BUDGET = 256 << 20
+# Block workspace on the CPU when the last-level cache size cannot be read. Blocks that stay in
+# cache are the fast ones: on a 2-core EPYC with a 32 MiB L3, f30k shapes (benchmarks/
+# pairwise_engine.py, docs/scan.md) evaluated SCAN t2i 1.9x, SGR 2.4x, SAF 2.1x, CHAN and ESL
+# 1.2-1.4x faster at 8-16 MiB than at 256 MiB.
+DEFAULT_CPU_BUDGET = 16 << 20
+#: CPU budgets derived from the cache stay within these bounds.
+CPU_BUDGET_RANGE = (4 << 20, 64 << 20)
+# Training (gradients on) keeps every block's activations until backward anyway, so a small
+# block saves no memory; its speed did not depend on the block size (SGR and SCAN at f30k dims,
+# 16-256 MiB), and a batch split into image blocks changes SAF's per-caption train-mode
+# BatchNorm statistics (sgraf.md §3.4). Training blocks therefore stay large.
+DEFAULT_CPU_TRAIN_BUDGET = 256 << 20
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes of block workspace: half the free CUDA memory, else min(256 MiB, a quarter of free RAM)."""
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache (L3 usually) from Linux sysfs, ``None`` where unreadable."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
+def default_memory_budget(device: torch.device, training: bool = False) -> int:
+    """Bytes of block workspace.
+
+    CUDA: half the free device memory. CPU evaluation: half the last-level cache (clamped to
+    :data:`CPU_BUDGET_RANGE`; :data:`DEFAULT_CPU_BUDGET` where the cache size is unknown); CPU
+    training (``training=True``, gradients on): :data:`DEFAULT_CPU_TRAIN_BUDGET`. Never more
+    than a quarter of the free RAM. On the CPU the evaluation budget is a speed setting more than
+    a memory limit: blocks that fit in cache avoid streaming the ``[n, c, L, d]`` intermediates
+    through RAM.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
+    cache = last_level_cache_bytes()
+    low, high = CPU_BUDGET_RANGE
+    if training:
+        budget = DEFAULT_CPU_TRAIN_BUDGET
+    else:
+        budget = DEFAULT_CPU_BUDGET if cache is None else min(high, max(low, cache // 2))
     try:
         free_ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return int(min(DEFAULT_CPU_BUDGET, free_ram // 4))
+        return int(min(budget, free_ram // 4))
     except (ValueError, OSError, AttributeError):
-        return DEFAULT_CPU_BUDGET
+        return budget
 
 
 def block_sizes(n_img: int, n_cap: int, bytes_per_pair: int, budget: int) -> tuple[int, int]:
@@ -184,7 +221,8 @@ def pairwise_similarity(
         model: a pairwise :class:`MatchingModel`.
         images: encoded region sets ``[n_img, R, d]``; captions: word sets ``[n_cap, L, d]``
             (any device; blocks are moved to ``device``).
-        memory_budget: bytes of block workspace; ``None`` derives it from free memory.
+        memory_budget: bytes of block workspace; ``None``: :func:`default_memory_budget` (for
+            training when gradients are enabled).
         device: where blocks are scored; default: the device of ``images.feats``.
         compute_dtype: ``torch.float16`` / ``torch.bfloat16`` to feed blocks in reduced
             precision (CUDA only; methods accumulate in fp32; results are stored in fp32).
@@ -212,7 +250,7 @@ def pairwise_similarity(
     else:
         order, sorted_lengths = None, None
 
-    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+    budget = memory_budget if memory_budget is not None else default_memory_budget(device, torch.is_grad_enabled())
     blocks = plan_blocks(model, images, captions, budget, compute_dtype, sorted_lengths)
 
     def caption_block(start: int, stop: int) -> Encoded:

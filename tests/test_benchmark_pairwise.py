@@ -1,0 +1,68 @@
+"""benchmarks/pairwise_engine.py: its reference loops agree with the engine, its FLOP counts are right.
+
+The benchmark's speed figures are measured by running it (README, docs/scan.md, docs/sgraf.md);
+here it runs at toy sizes so that the loops written in it (SCAN's ``xattn_score_*`` and SGRAF's
+``EncoderSimilarity.forward`` structure) are proven equal to the engine they are timed against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "pairwise_engine.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("pairwise_engine_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_reference_loops_equal_the_engine_at_toy_sizes(bench, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["--images", "6", "--captions", "24", "--dim", "32", "--loop-captions", "8",
+            "--sgraf-loop-captions", "8", "--methods", "scan-t2i,scan-i2t,sgraf", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"scan-t2i", "scan-i2t", "sgr", "saf"}
+    for name, row in rows.items():
+        assert row["max_abs_diff"] < 1e-5, name
+        assert row["loop_extrapolated"] and row["loop_captions"] == 8
+        assert row["speedup_bound"] == pytest.approx(row["loop_seconds_full"] / row["floor_seconds"])
+    # SGR's engine skips a third of the graph arithmetic; SAF does the same arithmetic as the loop
+    assert 0 < rows["sgr"]["engine_tflop"] < rows["sgr"]["loop_tflop_full"]
+    assert rows["saf"]["engine_tflop"] == pytest.approx(rows["saf"]["loop_tflop_full"])
+    printed = capsys.readouterr().out
+    assert "floor s" in printed and "GEMM rate" in printed
+
+
+def test_sgraf_flop_count_by_hand(bench):
+    # one image, one caption of L = 2 words (P = 3 nodes), R = 2, d = 4, s = 2, 3 SGR steps:
+    # common = attention 4*2*2*4 + local 2*2*4*2 + global 2*4*2 = 64 + 32 + 16 = 112
+    # reference SGR: 3 * (3 * 2*3*2*2 + 2 * 2*9*2) = 3 * (72 + 72) = 432
+    # engine: 2 full steps * (2*3*(2*2)*2 + 2 * 2*9*2) + read-out step (2*2*2*2 + 2*2*3*2) = 240 + 40
+    ref, eng = bench.sgraf_flops("SGR", np.array([2]), 1, R=2, d=4, s=2, steps=3)
+    assert ref.tolist() == [112 + 432] and eng.tolist() == [112 + 280]
+    # SAF: gates (2 P s) and the weighted sum (2 P s), both sides
+    ref, eng = bench.sgraf_flops("SAF", np.array([2, 5]), 3, R=2, d=4, s=2, steps=3)
+    expected = [3 * (112 + 24), 3 * (4 * 2 * 5 * 4 + 2 * 5 * 4 * 2 + 16 + 48)]
+    assert ref.tolist() == expected and eng.tolist() == expected
+
+
+def test_scan_flop_count_by_hand(bench):
+    # t2i, L = 3 words, R = 2 regions, d = 4: loop 4*2*3*4 + 4*3*4 = 96 + 48; engine 2*2*3*4 + 2*2*2*3
+    ref, eng = bench.scan_flops("t2i", np.array([3]), 1, R=2, d=4)
+    assert ref.tolist() == [144] and eng.tolist() == [48 + 24]
+    # i2t: queries are the 2 regions, context the 3 words
+    ref, eng = bench.scan_flops("i2t", np.array([3]), 2, R=2, d=4)
+    assert ref.tolist() == [2 * (96 + 32)] and eng.tolist() == [2 * (48 + 36)]
