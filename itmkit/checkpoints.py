@@ -98,6 +98,16 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str = "s
     return report
 
 
+def check_converted(model: nn.Module, state: Mapping[str, Tensor], source: str, method: str) -> LoadReport:
+    """A converter's sanity check: ``state`` (converted from a reference checkpoint) has exactly
+    the keys and shapes of ``model``, else ``ValueError`` naming ``source`` and the offending keys
+    (no silent partial load). ``model`` is a freshly built instance of the target configuration."""
+    report = compare_state_dicts(model.state_dict(), state)
+    if not report.ok:
+        raise ValueError(f"{source}: converted {method} state dict does not fit the model:\n{report}")
+    return report
+
+
 class MissingClassStub:
     """Stands in for a class a pickle names but this environment cannot import (e.g. a
     reference repository's ``lib.vocab.Vocabulary`` inside a saved ``opt``). Keeps the state."""

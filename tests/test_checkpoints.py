@@ -11,6 +11,7 @@ from torch import nn
 from itmkit.checkpoints import (
     CheckpointMismatchError,
     MissingClassStub,
+    check_converted,
     compare_state_dicts,
     load_strict,
     read_reference_checkpoint,
@@ -97,3 +98,14 @@ def test_read_reference_checkpoint_errors(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list.pth: expected a checkpoint dict, found list"):
         read_reference_checkpoint(tmp_path / "list.pth")
+
+
+def test_check_converted_names_the_file_the_method_and_the_keys():
+    model = small_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert check_converted(model, state, "ckpt.pth.tar", "SCAN").ok
+    first = next(iter(state))
+    state[first] = torch.zeros(3, 3, 3)
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"ckpt.pth.tar: converted SCAN state dict does not fit(.|\n)*unexpected \(1\): extra.weight(.|\n)*misshaped: " + first):
+        check_converted(model, state, "ckpt.pth.tar", "SCAN")

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from itmkit.checkpoints import compare_state_dicts, opt_value, read_reference_checkpoint, strip_prefix
+from itmkit.checkpoints import check_converted, opt_value, read_reference_checkpoint, strip_prefix
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.encoded import Encoded
@@ -461,10 +461,7 @@ def convert_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[RunConfi
     vocab_rows, word_dim = (int(n) for n in txt["embed.weight"].shape)
     run_cfg.text = dataclasses.replace(run_cfg.text, word_dim=word_dim)
     state = reference_state_to_itmkit(list(parts))
-    expected = SCAN(model_cfg, run_cfg.text, vocab_rows + 1).state_dict()
-    report = compare_state_dicts(expected, state)
-    if not report.ok:
-        raise ValueError(f"{name}: converted SCAN state dict does not fit the model:\n{report}")
+    check_converted(SCAN(model_cfg, run_cfg.text, vocab_rows + 1), state, name, "SCAN")
     return run_cfg, state
 
 

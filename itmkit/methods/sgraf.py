@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from itmkit.checkpoints import compare_state_dicts, opt_value, read_reference_checkpoint, strip_prefix
+from itmkit.checkpoints import check_converted, opt_value, read_reference_checkpoint, strip_prefix
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
 from itmkit.data.embedded import embedded_feature_dim
@@ -352,11 +352,7 @@ def convert_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[RunConfi
     if vocab.is_file():
         run_cfg.text.vocab_path = str(vocab)
     state = reference_state_to_itmkit(list(parts))
-    # sanity: the converted keys are exactly what the model expects (no silent partial load)
-    expected = SGRAF(model_cfg, run_cfg.text, int(txt["embed.weight"].shape[0]) + 1).state_dict()
-    report = compare_state_dicts(expected, state)
-    if not report.ok:
-        raise ValueError(f"{name}: converted SGRAF state dict does not fit the model:\n{report}")
+    check_converted(SGRAF(model_cfg, run_cfg.text, int(txt["embed.weight"].shape[0]) + 1), state, name, "SGRAF")
     return run_cfg, state
 
 
