@@ -7,6 +7,7 @@ fails loudly instead, naming each missing, unexpected or misshaped key.
 
 from __future__ import annotations
 
+import os
 import pickle
 import types
 from collections.abc import Mapping
@@ -158,6 +159,28 @@ def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, found {type(checkpoint).__name__}")
     return checkpoint
+
+
+def checkpoint_label(source: Any) -> str:
+    """How messages name a checkpoint: its path, or ``"checkpoint dict"`` for an in-memory one."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint dict"
+
+
+def open_reference_checkpoint(source: "str | os.PathLike | Mapping[str, Any]") -> tuple[str, dict[str, Any]]:
+    """``(label, checkpoint)`` for a converter: a path is read with
+    :func:`read_reference_checkpoint` (tolerant unpickling), a mapping is taken as it is (a
+    shallow copy); ``label`` is :func:`checkpoint_label`, for error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source), read_reference_checkpoint(source)
+    if not isinstance(source, Mapping):
+        raise TypeError(f"reference checkpoint: expected a path or a dict, found {type(source).__name__}")
+    return checkpoint_label(source), dict(source)
+
+
+def reference_dataset(opt: Any) -> str:
+    """``"coco"`` or ``"f30k"``, from a reference run's ``opt.data_name`` (``f30k_precomp`` when
+    the option is absent, as in the reference defaults)."""
+    return "coco" if str(opt_value(opt, "data_name", "f30k_precomp")).startswith("coco") else "f30k"
 
 
 def opt_value(opt: Any, name: str, default: Any = None) -> Any:

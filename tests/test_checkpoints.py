@@ -12,6 +12,9 @@ from itmkit.checkpoints import (
     CheckpointMismatchError,
     MissingClassStub,
     check_converted,
+    checkpoint_label,
+    open_reference_checkpoint,
+    reference_dataset,
     compare_state_dicts,
     load_strict,
     read_reference_checkpoint,
@@ -109,3 +112,18 @@ def test_check_converted_names_the_file_the_method_and_the_keys():
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"ckpt.pth.tar: converted SCAN state dict does not fit(.|\n)*unexpected \(1\): extra.weight(.|\n)*misshaped: " + first):
         check_converted(model, state, "ckpt.pth.tar", "SCAN")
+
+
+def test_open_reference_checkpoint_reads_paths_and_takes_dicts(tmp_path):
+    checkpoint = {"model": [small_model().state_dict()], "opt": argparse.Namespace(data_name="coco_precomp")}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(checkpoint, path)
+    for source, label in [(path, str(path)), (str(path), str(path)), (checkpoint, "checkpoint dict")]:
+        name, opened = open_reference_checkpoint(source)
+        assert name == label == checkpoint_label(source)
+        assert reference_dataset(opened["opt"]) == "coco"
+        assert torch.equal(opened["model"][0]["0.weight"], checkpoint["model"][0]["0.weight"])
+    with pytest.raises(TypeError, match="expected a path or a dict, found int"):
+        open_reference_checkpoint(3)
+    assert reference_dataset(argparse.Namespace(data_name="f30k_precomp")) == "f30k"
+    assert reference_dataset(None) == "f30k"  # no opt: the reference default

@@ -244,6 +244,23 @@ def test_extract_region_features_errors_name_the_problem(tmp_path):
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.npy.partial").exists()
 
 
+def test_extract_region_features_failed_rename_raises_the_real_error(tmp_path, monkeypatch):
+    # the rename is the last step: if it fails, its own error surfaces and no partial file stays
+    import itmkit.data.region_features as region_features
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(path)
+
+    def refuse(src, dst):
+        raise PermissionError(f"read-only: {dst}")
+
+    monkeypatch.setattr(region_features.os, "replace", refuse)
+    extractor = CNNRoIExtractor(cell_mean_module(4), input_size=32)
+    with pytest.raises(PermissionError, match="read-only"):
+        extract_region_features([path], np.array([[[0, 0, 8, 8]]]), extractor, tmp_path / "x.npy", progress=False)
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.npy.partial").exists()
+
+
 # ---------------------------------------------------------------------------- the command line
 def _load_script(name: str):
     import importlib.util

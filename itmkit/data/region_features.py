@@ -401,10 +401,10 @@ def extract_region_features(
                 out[start : start + len(paths)] = feats
                 bar.update(len(paths))
         out.flush()
-        del out
+        out = None  # close the memory map before the rename
         os.replace(partial, out_path)
     except BaseException:
-        del out
+        out = None  # not ``del``: the rename may fail after the map was closed
         partial.unlink(missing_ok=True)
         raise
     return out_path

@@ -382,10 +382,9 @@ def convert_checkpoint(
     ``linear.X -> text.linear.X`` (``position_ids`` dropped: newer transformers do not store it).
     Load the result with :func:`load_reference_checkpoint` (strict, keys reported by name).
     """
-    from itmkit.checkpoints import opt_value, read_reference_checkpoint
+    from itmkit.checkpoints import open_reference_checkpoint, opt_value
 
-    name = str(source) if isinstance(source, (str, Path)) else "checkpoint dict"
-    checkpoint = read_reference_checkpoint(source) if isinstance(source, (str, Path)) else dict(source)
+    name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model")
     if not isinstance(parts, (list, tuple)) or len(parts) < 2 or not all(isinstance(p, Mapping) for p in parts):
         raise CheckpointFormatError(
@@ -485,7 +484,7 @@ def load_reference_checkpoint(
     """Convert (:func:`convert_checkpoint`), build the model and load it **strictly**: any
     missing, unexpected or misshaped key raises :class:`itmkit.checkpoints.CheckpointMismatchError`
     naming it. Returns the model in eval mode and its :class:`RunConfig`."""
-    from itmkit.checkpoints import load_strict
+    from itmkit.checkpoints import checkpoint_label, load_strict
 
     run_cfg, state = convert_checkpoint(source, vocab_path=vocab_path, hf_path=hf_path)
     vocab_rows = int(state["text.embed.weight"].shape[0]) if run_cfg.text.kind == "bigru" and "text.embed.weight" in state else None
@@ -493,8 +492,7 @@ def load_reference_checkpoint(
     expected = model.state_dict()
     if _BERT_POSITION_IDS in expected and _BERT_POSITION_IDS not in state:
         state[_BERT_POSITION_IDS] = expected[_BERT_POSITION_IDS]  # older transformers persist it
-    name = str(source) if isinstance(source, (str, Path)) else "checkpoint dict"
-    load_strict(model, state, source=name)
+    load_strict(model, state, source=checkpoint_label(source))
     return model.eval(), run_cfg
 
 

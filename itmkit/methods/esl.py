@@ -583,10 +583,9 @@ def convert_checkpoint(
     ``lynorm_l.*`` -> ``level_norms.l.*``. ``hf_path``: local folder of the BERT it was trained
     with (``bert-base-uncased``). Load with :func:`load_reference_checkpoint` (strict).
     """
-    from itmkit.checkpoints import apply_reference_recipe, opt_value, read_reference_checkpoint, strip_prefix
+    from itmkit.checkpoints import apply_reference_recipe, open_reference_checkpoint, reference_dataset, strip_prefix
 
-    name = str(source) if isinstance(source, (str, Path)) else "checkpoint dict"
-    checkpoint = read_reference_checkpoint(source) if isinstance(source, (str, Path)) else dict(source)
+    name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model")
     if not isinstance(parts, (list, tuple)) or len(parts) != 3 or not all(isinstance(p, Mapping) for p in parts):
         found = type(parts).__name__ if not isinstance(parts, (list, tuple)) else f"a list of {len(parts)} entries"
@@ -625,8 +624,7 @@ def convert_checkpoint(
         attend_padded_regions=True,
     )
 
-    data_name = str(opt_value(opt, "data_name", "f30k_precomp"))
-    dataset = "coco" if data_name.startswith("coco") else "f30k"
+    dataset = reference_dataset(opt)
     run_cfg = paper_preset(dataset, variant)
     run_cfg.preset = f"converted (paper-{dataset}-{variant.lower()})"
     run_cfg.model = model
@@ -647,14 +645,14 @@ def load_reference_checkpoint(
     """Convert (:func:`convert_checkpoint`), build and load **strictly** (any missing, unexpected or
     misshaped key raises :class:`itmkit.checkpoints.CheckpointMismatchError` naming it). The
     model comes back in eval mode with its :class:`RunConfig`."""
-    from itmkit.checkpoints import load_strict
+    from itmkit.checkpoints import checkpoint_label, load_strict
 
     run_cfg, state = convert_checkpoint(source, hf_path=hf_path)
     model = build(run_cfg, None)
     expected = model.state_dict()
     if _BERT_POSITION_IDS in expected and _BERT_POSITION_IDS not in state:
         state[_BERT_POSITION_IDS] = expected[_BERT_POSITION_IDS]  # transformers versions that persist it
-    load_strict(model, state, source=str(source) if isinstance(source, (str, Path)) else "checkpoint dict")
+    load_strict(model, state, source=checkpoint_label(source))
     return model.eval(), run_cfg
 
 

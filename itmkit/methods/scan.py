@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from itmkit.checkpoints import check_converted, opt_value, read_reference_checkpoint, strip_prefix
+from itmkit.checkpoints import check_converted, open_reference_checkpoint, opt_value, reference_dataset, strip_prefix
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.encoded import Encoded
@@ -444,15 +444,13 @@ def convert_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[RunConfi
         run_config, vocab_size=V + 1)`` loads the state dict strictly. ``text.vocab_path`` points
         to the released vocabulary of the dataset when :func:`itmkit.paths.scan_text_dir` has it.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "checkpoint dict"
-    checkpoint = read_reference_checkpoint(source) if isinstance(source, (str, Path)) else source
+    name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
     if not isinstance(parts, (list, tuple)):
         raise ValueError(f"{name}: field 'model': expected a list [img_enc, txt_enc], found {type(parts).__name__}")
     opt = checkpoint.get("opt")
     model_cfg = config_from_reference(list(parts), opt)
-    data_name = str(opt_value(opt, "data_name", "f30k_precomp"))
-    dataset = "coco" if data_name.startswith("coco") else "f30k"
+    dataset = reference_dataset(opt)
     pooling = "avg" if model_cfg.agg_func == "Mean" else "lse"
     run_cfg = paper_preset(dataset, model_cfg.cross_attn, pooling)
     run_cfg.model = model_cfg

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from itmkit.checkpoints import check_converted, opt_value, read_reference_checkpoint, strip_prefix
+from itmkit.checkpoints import check_converted, open_reference_checkpoint, opt_value, reference_dataset, strip_prefix
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
 from itmkit.data.embedded import embedded_feature_dim
@@ -334,15 +334,13 @@ def convert_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[RunConfi
         of that dataset when :func:`itmkit.paths.scan_text_dir` has it (ids must match the
         embedding rows). ``opt``'s cluster paths are ignored.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "checkpoint dict"
-    checkpoint = read_reference_checkpoint(source) if isinstance(source, (str, Path)) else source
+    name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
     if not isinstance(parts, (list, tuple)):
         raise ValueError(f"{name}: field 'model': expected a list [img_enc, txt_enc, sim_enc], found {type(parts).__name__}")
     opt = checkpoint.get("opt")
     model_cfg = config_from_reference(list(parts), opt)
-    data_name = str(opt_value(opt, "data_name", "f30k_precomp"))
-    dataset = "coco" if data_name.startswith("coco") else "f30k"
+    dataset = reference_dataset(opt)
     run_cfg = paper_preset(dataset, model_cfg.module)
     run_cfg.model = model_cfg
     run_cfg.preset = f"paper-{dataset}-{model_cfg.module.lower()}"

@@ -22,9 +22,11 @@ from itmkit.checkpoints import (
     LoadReport,
     StateDict,
     apply_reference_recipe,
+    checkpoint_label,
     load_strict,
+    open_reference_checkpoint,
     opt_value,
-    read_reference_checkpoint,
+    reference_dataset,
     rename_keys,
     strip_prefix,
 )
@@ -307,8 +309,7 @@ def convert_checkpoint(source: str | Path | dict[str, Any], hf_path: str | None 
     (``bert-base-uncased``); ``vocab_size`` for a BiGRU is ``state["text.embed.weight"].shape[0]``.
     Keys no rule knows are kept (prefixed ``image.`` / ``text.``) so a strict load names them.
     """
-    name = str(source) if not isinstance(source, dict) else "checkpoint dict"
-    checkpoint = read_reference_checkpoint(source) if not isinstance(source, dict) else source
+    name, checkpoint = open_reference_checkpoint(source)
     image_state, text_state, opt = _checkpoint_parts(checkpoint, name)
 
     if "fc.weight" not in image_state:
@@ -332,8 +333,7 @@ def convert_checkpoint(source: str | Path | dict[str, Any], hf_path: str | None 
         elif not _bert_saves_position_ids() and has_ids:
             del state[_POSITION_IDS]  # a buffer fixed to arange(n); newer transformers do not save it
 
-    data_name = str(opt_value(opt, "data_name", "f30k_precomp"))
-    dataset = "coco" if data_name.startswith("coco") else "f30k"
+    dataset = reference_dataset(opt)
     preset = f"paper-{dataset}-{kind}"
     run_cfg = PRESETS[preset]()
     run_cfg.preset = preset
@@ -375,7 +375,7 @@ def load_reference_checkpoint(
     run_cfg, state = convert_checkpoint(source, hf_path=hf_path)
     vocab_size = state["text.embed.weight"].shape[0] if run_cfg.text.kind == "bigru" else None
     model = build(run_cfg, vocab_size)
-    report = load_strict(model, state, source=str(source) if not isinstance(source, dict) else "checkpoint dict")
+    report = load_strict(model, state, source=checkpoint_label(source))
     return model.eval(), run_cfg, report
 
 
