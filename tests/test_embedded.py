@@ -113,11 +113,45 @@ def test_cache_reuse_force_and_interrupted_builds(tmp_path, monkeypatch):
     with pytest.raises(AssertionError):
         embedded_dataset(small, seed=3, root=tmp_path, force=True, progress=False, extractor=colour_extractor())
     assert is_complete(folder)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+    assert entries(tmp_path) == [folder.name]
     # and a fresh build that fails leaves nothing that looks finished
     with pytest.raises(AssertionError):
         embedded_dataset(small, seed=4, root=tmp_path, progress=False, extractor=colour_extractor())
-    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+    assert entries(tmp_path) == [folder.name]
+
+
+def entries(root: Path) -> list[str]:
+    """Folder contents apart from the (empty, persistent) build-lock files."""
+    return sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_concurrent_requests_build_once(tmp_path, monkeypatch):
+    # two workers ask for the same set at once: the lock makes the second wait and reuse it
+    import threading
+    import time
+
+    calls = []
+
+    def slow_build(preset, seed, out_dir, **kwargs):
+        calls.append(out_dir)
+        time.sleep(0.3)
+        out_dir.mkdir()
+        (out_dir / "meta.json").write_text(json.dumps({"generator_version": build_module.GENERATOR_VERSION}))
+        return out_dir
+
+    monkeypatch.setattr(build_module, "build_embedded", slow_build)
+    results = []
+    workers = [
+        threading.Thread(target=lambda: results.append(
+            embedded_dataset("tiny", seed=5, root=tmp_path, progress=False, extractor=colour_extractor())))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1] == calls[0]
+    assert is_complete(results[0])
 
 
 def test_a_foreign_folder_is_never_replaced(tmp_path):

@@ -179,7 +179,7 @@ def test_exact_resume_after_kill_mid_epoch(toy_method, data_dir, tmp_path, kill_
 
 def test_max_steps_stops_and_resumes_to_the_same_weights(toy_method, data_dir, tmp_path):
     cfg = toy_config(data_dir, **{"train.epochs": 1})
-    full = train(cfg, tmp_path / "full", progress=False)
+    assert train(cfg, tmp_path / "full", progress=False).finished
     part = train(cfg, tmp_path / "part", progress=False, max_steps=4)
     assert not part.finished and not (tmp_path / "part" / "result.json").exists()
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["state"]["step_in_epoch"] == 4

@@ -20,6 +20,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,4 +309,27 @@ def embedded_dataset(
     out_dir = root / folder_name(preset, seed, name, dim)
     if is_complete(out_dir) and not force:
         return out_dir
-    return build_embedded(preset, seed, out_dir, extractor=extractor, progress=progress, force=force)
+    with build_lock(out_dir):
+        if is_complete(out_dir) and not force:  # another process built it while this one waited
+            return out_dir
+        return build_embedded(preset, seed, out_dir, extractor=extractor, progress=progress, force=force)
+
+
+@contextmanager
+def build_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``out_dir`` while building it, so two
+    processes that ask for the same set at once (notebooks run in parallel, test workers) build
+    it once: the second waits, then finds it complete. Builds are atomic without the lock too
+    (the lock only saves the duplicate work); where ``fcntl`` is missing (Windows) it is a no-op."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
