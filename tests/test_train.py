@@ -7,6 +7,7 @@ method for these tests, and the data is a synthetic precomp folder written with 
 import json
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,11 +131,27 @@ def test_run_directory_contents_and_no_retrain(toy_method, data_dir, tmp_path):
 
 
 def test_learns_above_chance(toy_method, data_dir, tmp_path):
+    from itmkit.losses import ScoreCollapseWarning
+
     cfg = toy_config(data_dir, **{"train.epochs": 4, "train.lr_decay_epochs": (3,)})
-    result = train(cfg, tmp_path / "run", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScoreCollapseWarning)  # a model that learns never trips it
+        result = train(cfg, tmp_path / "run", progress=False)
     # chance rsum for 12 dev images x 60 captions: i2t ~ 3 x (k*5/60 ...); far below 300
     assert result.best_rsum > 300
     assert result.log["loss"].iloc[-1] < result.log["loss"].iloc[0]
+
+
+def test_trainer_warns_when_the_scores_collapse(toy_method, data_dir, tmp_path, monkeypatch):
+    from itmkit.losses import ScoreCollapseWarning
+
+    # every score 0: the max-violation epoch's loss is exactly the collapsed value
+    original = ToyModel.similarity
+    monkeypatch.setattr(ToyModel, "similarity", lambda self, i, c, **kw: original(self, i, c, **kw) * 0.0)
+    cfg = toy_config(data_dir, **{"train.epochs": 2, "train.sum_warmup_epochs": 1})
+    with pytest.warns(ScoreCollapseWarning, match=r"epoch 2: the mean hinge loss .* collapsed"):
+        result = train(cfg, tmp_path / "run", progress=False)
+    assert result.log["max_violation"].tolist() == [False, True]
 
 
 class Killed(RuntimeError):

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from itmkit.data.text import build_text_pipeline
 from itmkit.evaluate.atomic_write import write_csv, write_json
 from itmkit.evaluate.evaluator import evaluate_model, evaluate_split
 from itmkit.evaluate.metrics import METRIC_NAMES
-from itmkit.losses import hinge_triplet_loss, use_max_violation
+from itmkit.losses import ScoreCollapseWarning, hinge_collapsed, hinge_triplet_loss, use_max_violation
 from itmkit.methods.registry import get_method
 from itmkit.models.base import MatchingModel
 from itmkit.runtime import pick_device, seed_everything
@@ -285,6 +286,14 @@ def train(
                "max_violation": max_violation, **{m: float(dev_metrics[m]) for m in METRIC_NAMES},
                "epoch_seconds": state.seconds - state.epoch_start_seconds, "seconds": state.seconds}  # fmt: skip
         state.history.append(row)
+        if max_violation and hinge_collapsed(row["loss"], len(dataset), tcfg.batch_size, tcfg.margin):
+            warnings.warn(
+                f"{out}: epoch {epoch + 1}: the mean hinge loss {row['loss']:.4f} is 2 x margin x batch size, "
+                "the value when every score of a batch is the same: the scores have collapsed and the "
+                "model no longer ranks (dev rsum stays low). Start hardest negatives later "
+                "(train.sum_warmup_epochs) or change train.lr; see docs/training_and_evaluation.md",
+                ScoreCollapseWarning, stacklevel=2,
+            )
         if row["rsum"] > state.best_rsum:
             state.best_rsum, state.best_epoch = row["rsum"], epoch + 1
             save_checkpoint(best_path, {"model": model.state_dict(), "config": _config_dict(run_cfg),
