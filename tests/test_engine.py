@@ -154,7 +154,11 @@ def test_last_level_cache_parses_sysfs_sizes(monkeypatch, tmp_path):
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
     real_path = engine.Path
     monkeypatch.setattr(engine, "Path", lambda p: real_path(str(p).replace("/sys/devices/system/cpu/cpu0/cache", str(tmp_path))))
-    assert engine.last_level_cache_bytes() == 32 << 20
+    engine.last_level_cache_bytes.cache_clear()  # read once per process: forget the real machine's
+    try:
+        assert engine.last_level_cache_bytes() == 32 << 20
+    finally:
+        engine.last_level_cache_bytes.cache_clear()
 
 
 # --------------------------------------------------------------------------- SCAN vs per-pair loop

@@ -23,6 +23,7 @@ blocks are assembled differentiably) and evaluation (no grad, blocks written in 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 # Block workspace on the CPU when the last-level cache size cannot be read. Blocks that stay in
 # cache are the fast ones: on a 2-core EPYC with a 32 MiB L3, f30k shapes (benchmarks/
-# pairwise_engine.py, docs/scan.md) evaluated SCAN t2i 1.9x, SGR 2.4x, SAF 2.1x, CHAN and ESL
+# pairwise_engine.py, docs/scan.md) evaluated SCAN t2i 1.9x, SGR and SAF 2.1x, CHAN and ESL
 # 1.2-1.4x faster at 8-16 MiB than at 256 MiB.
 DEFAULT_CPU_BUDGET = 16 << 20
 #: CPU budgets derived from the cache stay within these bounds.
@@ -53,8 +54,10 @@ CPU_BUDGET_RANGE = (4 << 20, 64 << 20)
 DEFAULT_CPU_TRAIN_BUDGET = 256 << 20
 
 
+@functools.cache
 def last_level_cache_bytes() -> int | None:
-    """Size of the largest CPU cache (L3 usually) from Linux sysfs, ``None`` where unreadable."""
+    """Size of the largest CPU cache (L3 usually) from Linux sysfs, ``None`` where unreadable.
+    Read once per process (the engine asks on every call)."""
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         try:
@@ -81,11 +84,10 @@ def default_memory_budget(device: torch.device, training: bool = False) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    cache = last_level_cache_bytes()
-    low, high = CPU_BUDGET_RANGE
     if training:
         budget = DEFAULT_CPU_TRAIN_BUDGET
     else:
+        cache, (low, high) = last_level_cache_bytes(), CPU_BUDGET_RANGE
         budget = DEFAULT_CPU_BUDGET if cache is None else min(high, max(low, cache // 2))
     try:
         free_ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
