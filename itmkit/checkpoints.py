@@ -109,6 +109,20 @@ def check_converted(model: nn.Module, state: Mapping[str, Tensor], source: str, 
     return report
 
 
+#: HF BERT's ``position_ids``: a fixed ``arange`` buffer that some transformers versions keep in
+#: the state dict and others do not; converters drop it and :func:`load_converted` restores it.
+BERT_POSITION_IDS = "text.backbone.embeddings.position_ids"
+
+
+def load_converted(model: nn.Module, state: dict[str, Tensor], source: str) -> LoadReport:
+    """Load a converter's ``state`` into ``model`` strictly (:func:`load_strict`), after giving it
+    the model's own :data:`BERT_POSITION_IDS` buffer when the installed transformers keeps one."""
+    expected = model.state_dict()
+    if BERT_POSITION_IDS in expected and BERT_POSITION_IDS not in state:
+        state[BERT_POSITION_IDS] = expected[BERT_POSITION_IDS]
+    return load_strict(model, state, source=source)
+
+
 class MissingClassStub:
     """Stands in for a class a pickle names but this environment cannot import (e.g. a
     reference repository's ``lib.vocab.Vocabulary`` inside a saved ``opt``). Keeps the state."""

@@ -11,11 +11,13 @@ from torch import nn
 from itmkit.checkpoints import (
     CheckpointMismatchError,
     MissingClassStub,
+    BERT_POSITION_IDS,
     check_converted,
     checkpoint_label,
     open_reference_checkpoint,
     reference_dataset,
     compare_state_dicts,
+    load_converted,
     load_strict,
     read_reference_checkpoint,
     rename_keys,
@@ -127,3 +129,26 @@ def test_open_reference_checkpoint_reads_paths_and_takes_dicts(tmp_path):
         open_reference_checkpoint(3)
     assert reference_dataset(argparse.Namespace(data_name="f30k_precomp")) == "f30k"
     assert reference_dataset(None) == "f30k"  # no opt: the reference default
+
+
+def test_load_converted_restores_the_bert_position_ids_buffer_only():
+    def bert_like():
+        model = nn.Module()
+        model.text = nn.Module()
+        model.text.backbone = nn.Module()
+        model.text.backbone.embeddings = nn.Linear(2, 2)
+        model.text.backbone.embeddings.register_buffer("position_ids", torch.arange(5)[None])
+        return model
+
+    source, target = bert_like(), bert_like()
+    state = {k: v.clone() for k, v in source.state_dict().items() if k != BERT_POSITION_IDS}
+    with torch.no_grad():
+        target.text.backbone.embeddings.weight.zero_()
+    assert load_converted(target, state, "ckpt").ok
+    assert torch.equal(target.text.backbone.embeddings.weight, source.text.backbone.embeddings.weight)
+    assert torch.equal(target.state_dict()[BERT_POSITION_IDS], torch.arange(5)[None])
+    # anything else missing still fails, by name
+    del state["text.backbone.embeddings.bias"]
+    state.pop(BERT_POSITION_IDS)
+    with pytest.raises(CheckpointMismatchError, match=r"ckpt: state dict does not match(.|\n)*missing \(1\): text.backbone.embeddings.bias"):
+        load_converted(target, state, "ckpt")

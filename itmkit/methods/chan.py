@@ -360,7 +360,6 @@ class CheckpointFormatError(ValueError):
         super().__init__(f"{source}: field {field!r}: expected {expected}, found {found}")
 
 
-_BERT_POSITION_IDS = "text.backbone.embeddings.position_ids"
 
 
 def convert_checkpoint(
@@ -382,7 +381,7 @@ def convert_checkpoint(
     ``linear.X -> text.linear.X`` (``position_ids`` dropped: newer transformers do not store it).
     Load the result with :func:`load_reference_checkpoint` (strict, keys reported by name).
     """
-    from itmkit.checkpoints import open_reference_checkpoint, opt_value
+    from itmkit.checkpoints import BERT_POSITION_IDS, open_reference_checkpoint, opt_value
 
     name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model")
@@ -456,7 +455,7 @@ def convert_checkpoint(
                 state["text.backbone." + key[len("bert.") :]] = value
             else:
                 state["text." + key] = value
-        state.pop(_BERT_POSITION_IDS, None)
+        state.pop(BERT_POSITION_IDS, None)
     else:
         raise CheckpointFormatError(name, "opt.text_enc_type", "'bigru' or 'bert'", repr(text_type))
 
@@ -484,15 +483,12 @@ def load_reference_checkpoint(
     """Convert (:func:`convert_checkpoint`), build the model and load it **strictly**: any
     missing, unexpected or misshaped key raises :class:`itmkit.checkpoints.CheckpointMismatchError`
     naming it. Returns the model in eval mode and its :class:`RunConfig`."""
-    from itmkit.checkpoints import checkpoint_label, load_strict
+    from itmkit.checkpoints import checkpoint_label, load_converted
 
     run_cfg, state = convert_checkpoint(source, vocab_path=vocab_path, hf_path=hf_path)
     vocab_rows = int(state["text.embed.weight"].shape[0]) if run_cfg.text.kind == "bigru" and "text.embed.weight" in state else None
     model = build(run_cfg, vocab_rows)
-    expected = model.state_dict()
-    if _BERT_POSITION_IDS in expected and _BERT_POSITION_IDS not in state:
-        state[_BERT_POSITION_IDS] = expected[_BERT_POSITION_IDS]  # older transformers persist it
-    load_strict(model, state, source=checkpoint_label(source))
+    load_converted(model, state, source=checkpoint_label(source))
     return model.eval(), run_cfg
 
 

@@ -515,7 +515,6 @@ class CheckpointFormatError(ValueError):
 
 _LEVELS_PREFIX = "plus_encoder.encoders_1."
 _CALCULATOR_PREFIX = "sims.calculator_1."
-_BERT_POSITION_IDS = "text.backbone.embeddings.position_ids"
 _CALCULATOR_SCALARS = {
     "sim_eval.weight": "correspondence.level_weight.weight",
     "temp_scale.weight": "correspondence.log_inverse_temperature",
@@ -583,7 +582,7 @@ def convert_checkpoint(
     ``lynorm_l.*`` -> ``level_norms.l.*``. ``hf_path``: local folder of the BERT it was trained
     with (``bert-base-uncased``). Load with :func:`load_reference_checkpoint` (strict).
     """
-    from itmkit.checkpoints import apply_reference_recipe, open_reference_checkpoint, reference_dataset, strip_prefix
+    from itmkit.checkpoints import BERT_POSITION_IDS, apply_reference_recipe, open_reference_checkpoint, reference_dataset, strip_prefix
 
     name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model")
@@ -609,7 +608,7 @@ def convert_checkpoint(
         )
     for key, value in txt_state.items():
         state[("text.backbone." + key[len("bert."):]) if key.startswith("bert.") else ("text." + key)] = value
-    state.pop(_BERT_POSITION_IDS, None)  # a fixed arange buffer; load_reference_checkpoint restores it if needed
+    state.pop(BERT_POSITION_IDS, None)  # a fixed arange buffer; load_reference_checkpoint restores it if needed
 
     sim_renamed, variant, levels = _similarity_keys(sim_state, name)
     state.update(sim_renamed)
@@ -645,14 +644,11 @@ def load_reference_checkpoint(
     """Convert (:func:`convert_checkpoint`), build and load **strictly** (any missing, unexpected or
     misshaped key raises :class:`itmkit.checkpoints.CheckpointMismatchError` naming it). The
     model comes back in eval mode with its :class:`RunConfig`."""
-    from itmkit.checkpoints import checkpoint_label, load_strict
+    from itmkit.checkpoints import checkpoint_label, load_converted
 
     run_cfg, state = convert_checkpoint(source, hf_path=hf_path)
     model = build(run_cfg, None)
-    expected = model.state_dict()
-    if _BERT_POSITION_IDS in expected and _BERT_POSITION_IDS not in state:
-        state[_BERT_POSITION_IDS] = expected[_BERT_POSITION_IDS]  # transformers versions that persist it
-    load_strict(model, state, source=checkpoint_label(source))
+    load_converted(model, state, source=checkpoint_label(source))
     return model.eval(), run_cfg
 
 
