@@ -8,7 +8,7 @@ OUT ?= runs/course
 NOTEBOOKS ?=
 PY := $(VENV)/bin/python
 
-.PHONY: course test venv clean-venv smoke benchmark
+.PHONY: course test venv clean-venv smoke benchmark lab
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ venv: $(VENV)/.installed
 
 course: venv
 	$(PY) -m itmkit.course run $(NOTEBOOKS) --preset $(PRESET) --out $(OUT)
+
+# Open the course in JupyterLab (the jupyterlab package comes with the course extra).
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
 
 smoke:
 	$(MAKE) course PRESET=smoke OUT=runs/smoke

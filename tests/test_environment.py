@@ -30,3 +30,21 @@ def test_environment_yml_matches_pyproject():
     expected = {CONDA_NAMES.get(n, n) for n in wanted}
     assert expected - listed == set(), f"in pyproject, missing from environment.yml: {expected - listed}"
     assert listed - expected - {"python", "pip"} == set(), f"only in environment.yml: {listed - expected}"
+
+
+def test_course_extra_installs_jupyterlab():
+    """The documented way to read the course, `jupyter lab notebooks/` (or `make lab`), must work
+    from the project's environment: the course extra carries jupyterlab and its command runs."""
+    import shutil
+    import subprocess
+    import sys
+
+    course = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["course"]
+    assert "jupyterlab" in {_name(r) for r in course}
+    assert "lab:" in (ROOT / "Makefile").read_text(), "make lab is the README's way to open the course"
+    bindir = Path(sys.executable).parent
+    jupyter = bindir / "jupyter" if (bindir / "jupyter").exists() else shutil.which("jupyter")
+    assert jupyter, f"no jupyter command beside {sys.executable}"
+    done = subprocess.run([str(jupyter), "lab", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip().split(".")[0]) >= 4, done.stdout
