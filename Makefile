@@ -24,8 +24,11 @@ course: venv
 	$(PY) -m itmkit.course run $(NOTEBOOKS) --preset $(PRESET) --out $(OUT)
 
 # Open the course in JupyterLab (the jupyterlab package comes with the course extra).
+# LAB_ARGS passes options through, e.g. LAB_ARGS="--no-browser --port 8890"; as root (containers)
+# JupyterLab refuses to start without --allow-root, so it is added there.
+LAB_ARGS ?=
 lab: venv
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 smoke:
 	$(MAKE) course PRESET=smoke OUT=runs/smoke
