@@ -12,12 +12,53 @@ A model encodes images and captions separately (each once per evaluation) and sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from itmkit.encoded import Encoded
+
+# The standard names of Explanation.parts, so that one figure serves every method that has the
+# quantity. Methods add their own keys beside these (documented in their ``explain``).
+WORD_REGION_WEIGHTS = "word_region_weights"  # [n_words, n_regions]: each word's weights over regions (rows sum to 1)
+REGION_WORD_WEIGHTS = "region_word_weights"  # [n_regions, n_words]: each region's weights over words
+WORD_SCORES = "word_scores"  # [n_words]: per-word relevance / similarity to the image
+REGION_SCORES = "region_scores"  # [n_regions]: per-region relevance / similarity to the caption
+
+
+@dataclass
+class Explanation:
+    """What a model computed for one (image, caption) pair, for figures and teaching.
+
+    Attributes:
+        method: the registry name of the method (``"scan"``, ``"sgraf"``, ...).
+        score: the pair's similarity; equals ``model.similarity(image, caption)[0, 0]``.
+        n_regions: valid regions of the image (padding removed).
+        n_words: valid tokens of the caption (padding removed; ``<start>``/``<end>`` kept when the
+            text pipeline adds them, so ``parts`` line up with ``pipeline.tokens(caption)``).
+        parts: named intermediates, unpadded numpy arrays (or floats). Standard keys:
+            ``word_region_weights [n_words, n_regions]``, ``region_word_weights [n_regions, n_words]``,
+            ``word_scores [n_words]``, ``region_scores [n_regions]``; each method documents the
+            others it adds (graph edges, levels, gates, ...).
+    """
+
+    method: str
+    score: float
+    n_regions: int
+    n_words: int
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self.parts[key]
+        except KeyError:
+            raise KeyError(f"{self.method} explanation has no {key!r}; it has {sorted(self.parts)}") from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.parts
 
 
 class MatchingModel(nn.Module):
@@ -77,6 +118,20 @@ class MatchingModel(nn.Module):
         if backbone:
             groups.append({"params": backbone, "lr": lr * backbone_lr_scale, "name": "backbone"})
         return groups
+
+    @torch.no_grad()
+    def explain(self, image: Encoded, caption: Encoded) -> Explanation:
+        """One encoded image and one encoded caption (``len == 1`` each) -> :class:`Explanation`.
+
+        The base version gives the score only; methods override it to add their intermediates
+        (unpadded, on the CPU, as numpy). Must not change the model's state (eval-mode numbers).
+        """
+        if len(image) != 1 or len(caption) != 1:
+            raise ValueError(f"explain: expected one image and one caption, found {len(image)} and {len(caption)}")
+        score = float(self.similarity(image, caption).reshape(-1)[0])
+        n_regions = int(image.lengths[0]) if image.lengths is not None else 1
+        n_words = int(caption.lengths[0]) if caption.lengths is not None else 1
+        return Explanation(getattr(self, "method_name", type(self).__name__.lower()), score, n_regions, n_words, {})
 
     @torch.no_grad()
     def describe(self) -> dict[str, int]:
