@@ -199,7 +199,7 @@ def compare_with_reported(
     summary rows, or one mapping ``{"i2t_r1": ..., ...}``. Returns columns ``label``, ``source``
     (``ours`` or the reported source), ``method``, ``protocol``, ``text``, ``ensemble``, the six
     recalls, ``rsum`` and ``rsum_gap`` (reported rsum minus ours, when our protocol matches the
-    row's, else NaN), plus ``model = label`` so :func:`itmkit.plots.plot_recalls` draws one bar
+    row's, else NaN), plus ``model = label`` so :func:`itmkit.figures.curves.plot_recalls` draws one bar
     per row.
     """
     ours = _our_rows(our_metrics, label)

@@ -371,20 +371,3 @@ def test_encoded_batch_composition_does_not_change_features():
             Encoded.cat([model.encode_images(images[i : i + 1], img_len[i : i + 1]) for i in range(len(images))]), caps
         )
     assert torch.allclose(sims, again, atol=1e-5)
-
-
-def test_pair_alignment_hard_region_is_the_argmax_of_the_cosines_and_soft_rows_sum_to_one():
-    from itmkit.methods.chan import pair_alignment
-
-    model = small_model()
-    images, img_len, tokens, cap_len = toy_batch()
-    out = pair_alignment(model, images[0].numpy(), tokens[1, : int(cap_len[1])].tolist())
-    n_words, k = int(cap_len[1]), images.shape[1]
-    assert out["cosines"].shape == out["soft"].shape == (n_words, k)
-    assert torch.equal(out["hard"], out["cosines"].argmax(dim=1))
-    assert torch.allclose(out["hard_scores"], out["cosines"].max(dim=1).values)
-    assert torch.allclose(out["soft"].sum(1), torch.ones(n_words), atol=1e-6)
-    # the pooled hard scores are the model's similarity for that pair
-    with torch.no_grad():
-        sim = model.similarity(model.encode_images(images[:1], torch.tensor([k])), model.encode_captions(tokens[1:2, :n_words], cap_len[1:2]))
-    assert float(sim) == pytest.approx(float(torch.logsumexp(out["hard_scores"] / 0.1, 0)), abs=1e-5)

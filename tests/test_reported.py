@@ -185,7 +185,7 @@ def test_compare_with_reported_places_ours_first_and_computes_gaps():
 
 
 def test_plot_recalls_shows_reported_rows_beside_ours():
-    from itmkit.plots import plot_recalls
+    from itmkit.figures.curves import plot_recalls
 
     ours = {c: v for c, v in zip(RECALL_COLUMNS, [20.0, 50.0, 70.0, 15.0, 40.0, 60.0])}
     table = compare_with_reported(ours, "chan", "f30k", label="CHAN (ours)")

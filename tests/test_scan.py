@@ -124,17 +124,6 @@ def test_score_block_is_the_attention_core_with_masks(direction):
     )
 
 
-def test_attention_picture_helper_shapes():
-    model = small_model()
-    feats, img_lengths, tokens, cap_lengths = inputs()
-    with torch.no_grad():
-        images = model.encode_images(feats, img_lengths)
-        captions = model.encode_captions(tokens, cap_lengths)
-    attn = model.attention(images, captions, image=3, caption=0)
-    assert attn.shape == (int(cap_lengths[0]), 3)
-    torch.testing.assert_close(attn.sum(1), torch.ones(int(cap_lengths[0])))
-
-
 def test_training_step_moves_every_encoder():
     model = small_model().train()
     feats, img_lengths, tokens, cap_lengths = inputs(n_img=6)

@@ -23,9 +23,12 @@ from itmkit.evaluate.atomic_write import atomic_path
 from itmkit.evaluate.protocols import default_protocols, evaluate_protocols
 from itmkit.evaluate.result import EvalResult
 from itmkit.evaluate.similarity_file import save_similarity
-from itmkit.models.base import MatchingModel
+from itmkit.models.base import MatchingModel, eval_mode
 
-__all__ = ["encode_split", "similarity_matrix", "evaluate_split", "evaluate_model", "save_similarity", "EvalResult"]
+__all__ = [
+    "encode_split", "encode_split_images", "encode_texts", "similarity_matrix", "evaluate_split", "evaluate_model",
+    "save_similarity", "EvalResult",
+]  # fmt: skip
 
 # Captions scored per matrix product for embedding methods: bounds the temporary to
 # n_img x 4096 floats (80 MB for COCO's 5,000 images) whatever the caption count.
@@ -199,3 +202,33 @@ def evaluate_model(
         result.save(out, save_sims=False)
     result.sims = np.load(out / "sims.npy", mmap_mode="r")
     return result
+
+
+@torch.no_grad()
+def encode_split_images(
+    model: MatchingModel, split: PrecompSplit, images, device: torch.device | str | None = None
+) -> Encoded:
+    """Encode some images of ``split`` (indices ``images``, in that order) as :func:`encode_split`
+    does: eval mode, all ``n_regions`` regions, result on the CPU (``len == len(images)``)."""
+    index = np.atleast_1d(np.asarray(images, dtype=np.int64))
+    bad = index[(index < 0) | (index >= split.n_images)]
+    if len(bad):
+        raise IndexError(f"{split.root} split {split.split!r}: image {int(bad[0])}: expected an index in [0, {split.n_images})")
+    device = torch.device(device) if device is not None else _model_device(model)
+    feats = torch.from_numpy(np.stack([split.image_features(int(i)) for i in index]))
+    lengths = torch.full((len(index),), split.n_regions, dtype=torch.long)
+    with eval_mode(model):
+        return model.encode_images(feats.to(device), lengths.to(device)).to("cpu")
+
+
+@torch.no_grad()
+def encode_texts(model: MatchingModel, pipeline, texts, device: torch.device | str | None = None) -> Encoded:
+    """Encode captions given as text (a split's or any other) with the run's text ``pipeline``,
+    at test time (no augmentation), as :func:`encode_split` does; result on the CPU."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("encode_texts: expected at least one caption, found none")
+    tokens, lengths = pad_token_lists([pipeline.encode(t) for t in texts], pipeline.pad_id)
+    device = torch.device(device) if device is not None else _model_device(model)
+    with eval_mode(model):
+        return model.encode_captions(tokens.to(device), lengths.to(device)).to("cpu")

@@ -28,7 +28,17 @@ from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models import coding
-from itmkit.models.base import MatchingModel
+from itmkit.models.base import (
+    REGION_SCORES,
+    REGION_WORD_WEIGHTS,
+    WORD_REGION_WEIGHTS,
+    WORD_SCORES,
+    Explanation,
+    MatchingModel,
+    as_numpy,
+    check_one_pair,
+    eval_mode,
+)
 from itmkit.models.functional import l2norm, zero_padding
 from itmkit.models.image_encoders import PrecompRegionEncoder
 from itmkit.models.text_encoders import BiGRUTextEncoder, HFTextEncoder
@@ -156,6 +166,7 @@ class CHAN(MatchingModel):
     """
 
     pairwise = True
+    method_name = "chan"
 
     def __init__(self, cfg: CHANConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
@@ -201,34 +212,54 @@ class CHAN(MatchingModel):
         return coding.coding_workspace_bytes(k, length, d, self.cfg.coding, captions.feats.element_size())
 
     @torch.no_grad()
-    def hard_assignment(self, images: Encoded, captions: Encoded) -> Tensor:
-        """``[n_img, n_cap, L]`` index of the region each word is hard-assigned to (for figures)."""
-        return coding.hard_assignment_regions(images.feats, images.mask, captions.feats, captions.mask)
+    def explain(self, image: Encoded, caption: Encoded, *, coding_name: str | None = None) -> Explanation:
+        """How CHAN codes and pools one image against one caption (``len == 1`` each), unpadded (§3.3).
 
+        ``word_region_cosines [n_words, n_regions]`` always; then, by coding:
 
-@torch.no_grad()
-def pair_alignment(model: CHAN, regions, token_ids, smooth: float = 9.0) -> dict[str, Tensor]:
-    """How one caption aligns with one image, soft and hard, for figures (chan.md §2).
+        - ``vha`` (hard assignment, CHAN): ``word_region_weights [n_words, n_regions]``, one-hot at
+          the region each word is assigned to; ``assigned_regions [n_words]`` (int); ``word_scores
+          [n_words]``, that region's cosine (the codes LSE pools into the score);
+        - ``tha``: ``region_word_weights [n_regions, n_words]`` one-hot at each region's best word,
+          ``assigned_words [n_regions]``, ``region_scores [n_regions]``;
+        - ``vsa``: ``region_word_weights``, each region's softmax (temperature ``alpha``) over the
+          words; ``region_scores``;
+        - ``t2i`` (SCAN's soft assignment): ``word_region_weights``, each word's attention over the
+          regions (``smooth``); ``word_scores``.
 
-    ``regions [K, D]`` raw region features of the image, ``token_ids`` the caption's ids (as the
-    text pipeline encodes it). Returns (CPU tensors): ``cosines [L, K]`` word-region cosines,
-    ``soft [L, K]`` SCAN t2i attention of each word over the regions (``smooth`` = lambda),
-    ``hard [L]`` CHAN's argmax region per word, ``hard_scores [L]`` its cosine (the VHA code).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    regions = torch.as_tensor(regions, dtype=torch.float32, device=device)[None]
-    tokens = torch.as_tensor(list(token_ids), dtype=torch.long, device=device)[None]
-    img = model.encode_images(regions, torch.tensor([regions.shape[1]], device=device))
-    cap = model.encode_captions(tokens, torch.tensor([tokens.shape[1]], device=device))
-    args = (img.feats, img.mask, cap.feats, cap.mask)
-    cosines = coding.region_word_cosines(*args)[0, 0].t()
-    soft = coding.t2i_attention_weights(*args, smooth=smooth)[0, 0].t()
-    hard = coding.hard_assignment_regions(*args)[0, 0]
-    hard_scores = coding.visual_hard_assignment(*args).values[0, 0]
-    model.train(was_training)
-    return {"cosines": cosines.cpu(), "soft": soft.cpu(), "hard": hard.cpu(), "hard_scores": hard_scores.cpu()}
+        ``coding_name`` explains the features under another coding than the model's (soft next to
+        hard on the same pair); the score is then that coding's, pooled as the model pools.
+        """
+        n_regions, n_words = check_one_pair(image, caption)
+        cfg = self.cfg
+        name = cfg.coding if coding_name is None else coding_name
+        if name not in coding.CODINGS:
+            raise ValueError(f"CHAN.explain coding_name: expected one of {sorted(coding.CODINGS)}, found {name!r}")
+        regions, words = image.feats[:1, :n_regions], caption.feats[:1, :n_words]
+        sets = (regions, torch.ones(1, n_regions, dtype=torch.bool, device=regions.device),
+                words, torch.ones(1, n_words, dtype=torch.bool, device=words.device))
+        with eval_mode(self):
+            cosines = coding.region_word_cosines(*sets)[0, 0]  # [n_regions, n_words]
+            coded = coding.code(*sets, name, alpha=cfg.alpha, smooth=cfg.smooth)
+            parts: dict[str, Any] = {"word_region_cosines": as_numpy(cosines.t())}
+            if name == "vha":
+                assigned = coding.hard_assignment_regions(*sets)[0, 0]
+                parts[WORD_REGION_WEIGHTS] = as_numpy(nn.functional.one_hot(assigned, n_regions).to(cosines.dtype))
+                parts["assigned_regions"] = as_numpy(assigned)
+            elif name == "tha":
+                assigned = cosines.argmax(dim=1)
+                parts[REGION_WORD_WEIGHTS] = as_numpy(nn.functional.one_hot(assigned, n_words).to(cosines.dtype))
+                parts["assigned_words"] = as_numpy(assigned)
+            elif name == "vsa":
+                parts[REGION_WORD_WEIGHTS] = as_numpy(torch.softmax(cosines / cfg.alpha, dim=1))
+            else:
+                parts[WORD_REGION_WEIGHTS] = as_numpy(coding.t2i_attention_weights(*sets, smooth=cfg.smooth)[0, 0].t())
+            parts[WORD_SCORES if name in ("vha", "t2i") else REGION_SCORES] = as_numpy(coded.values[0, 0])
+            if coding_name is None:
+                score = float(self.similarity(image, caption)[0, 0])
+            else:
+                score = float(coding.pool(coded, cfg.pooling, belta=cfg.belta)[0, 0])
+        return Explanation(self.method_name, score, n_regions, n_words, parts)
 
 
 def build(run_cfg: RunConfig, vocab_size: int | None) -> CHAN:

@@ -42,7 +42,17 @@ from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
-from itmkit.models.base import MatchingModel
+from itmkit.models.base import (
+    REGION_SCORES,
+    REGION_WORD_WEIGHTS,
+    WORD_REGION_WEIGHTS,
+    WORD_SCORES,
+    Explanation,
+    MatchingModel,
+    as_numpy,
+    check_one_pair,
+    eval_mode,
+)
 from itmkit.models.functional import l2norm
 from itmkit.models.image_encoders import PrecompRegionEncoder
 from itmkit.models.text_encoders import build_text_encoder
@@ -315,6 +325,7 @@ class ESL(MatchingModel):
     """
 
     pairwise = True
+    method_name = "esl"
 
     def __init__(self, cfg: ESLConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
@@ -382,6 +393,34 @@ class ESL(MatchingModel):
             level = torch.einsum("cwf,irf->icwr", x, y).float()
             parts.append(pooled_score(level, a, b, word_mask, region_mask))
         return torch.stack(parts, dim=-1)
+
+    @torch.no_grad()
+    def explain(self, image: Encoded, caption: Encoded) -> Explanation:
+        """How ESL scores one image against one caption (``len == 1`` each), unpadded (§3.4).
+
+        Parts: ``word_region_scores [n_words, n_regions]``, the region-word scores ``A = Σ_l
+        x_l G_l y_lᵀ``; ``word_region_weights [n_words, n_regions]`` (t2i attention ``a``, each
+        word over the regions) and ``region_word_weights [n_regions, n_words]`` (i2t attention
+        ``b``, each region over the words), rows summing to 1; ``word_scores [n_words]`` =
+        ``Σ_r a·A`` and ``region_scores [n_regions]`` = ``Σ_w b·A`` (the score is the mean of each
+        plus each other); ``level_scores [levels]``, each level's share of the score (sums to it).
+        With ``attend_padded_regions`` every region slot of the image counts (§8.5).
+        """
+        n_regions, n_words = check_one_pair(image, caption)
+        image, caption = image.slice(0, 1), caption.slice(0, 1)
+        with eval_mode(self):
+            scores = self._scores(image, caption)  # [1, 1, n_words, n_regions]
+            a, b = attention_pooling_weights(scores, caption.mask, image.mask, self.correspondence.smooth)
+            parts = {
+                "word_region_scores": as_numpy(scores[0, 0]),
+                WORD_REGION_WEIGHTS: as_numpy(a[0, 0]),
+                REGION_WORD_WEIGHTS: as_numpy(b[0, 0].t()),
+                WORD_SCORES: as_numpy((a * scores).sum(dim=3)[0, 0]),
+                REGION_SCORES: as_numpy((b * scores).sum(dim=2)[0, 0]),
+                "level_scores": as_numpy(self.level_scores(image, caption)[0, 0]),
+            }
+            score = float(self.similarity(image, caption)[0, 0])
+        return Explanation(self.method_name, score, n_regions, n_words, parts)
 
     @torch.no_grad()
     def level_summary(self) -> pd.DataFrame:

@@ -32,7 +32,17 @@ from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models import cross_attention as xattn
-from itmkit.models.base import MatchingModel
+from itmkit.models.base import (
+    REGION_SCORES,
+    REGION_WORD_WEIGHTS,
+    WORD_REGION_WEIGHTS,
+    WORD_SCORES,
+    Explanation,
+    MatchingModel,
+    as_numpy,
+    check_one_pair,
+    eval_mode,
+)
 from itmkit.models.image_encoders import PrecompRegionEncoder
 from itmkit.models.text_encoders import build_text_encoder
 from itmkit.paths import scan_text_dir
@@ -104,6 +114,7 @@ class SCAN(MatchingModel):
     (``text.backbone.*`` + ``text.linear.*`` for HF text)."""
 
     pairwise = True
+    method_name = "scan"
 
     def __init__(self, cfg: SCANConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
@@ -159,38 +170,37 @@ class SCAN(MatchingModel):
         return xattn.relevance_workspace_bytes(context, query, captions.feats.element_size(), torch.is_grad_enabled())
 
     @torch.no_grad()
-    def attention(self, images: Encoded, captions: Encoded, image: int, caption: int) -> Tensor:
-        """Attention weights of one pair, for pictures: ``[L, R]`` (t2i, each word over the regions)
-        or ``[R, L]`` (i2t, each region over the words), real items only."""
-        regions = images.feats[image, : int(images.lengths[image])] if images.lengths is not None else images.feats[image]
-        words = captions.feats[caption, : int(captions.lengths[caption])]
-        return xattn.word_region_attention(
-            regions, words, self.cfg.raw_feature_norm, self.cfg.lambda_softmax, self.cfg.cross_attn
-        )
+    def explain(self, image: Encoded, caption: Encoded, *, lambda_softmax: float | None = None) -> Explanation:
+        """How SCAN scores one image against one caption (``len == 1`` each), unpadded (§3.3–§3.5).
 
+        Parts, by ``cfg.cross_attn``:
 
-@torch.no_grad()
-def pair_attention(
-    model: SCAN, regions: Tensor, token_ids: list[int] | Tensor, lambda_softmax: float | None = None
-) -> Tensor:
-    """Attention of one (image, caption) pair straight from raw inputs, for pictures.
+        - t2i: ``word_region_weights [n_words, n_regions]``, each word's attention over the regions
+          (rows sum to 1); ``word_scores [n_words]``, the cosine of each word with its attended
+          mix of regions (the relevances ``agg_func`` pools into the score, §3.4);
+        - i2t: ``region_word_weights [n_regions, n_words]``, each region's attention over the words
+          (rows sum to 1); ``region_scores [n_regions]``, the relevance of each region (§3.5).
 
-    Args:
-        model: a (trained) SCAN model.
-        regions: ``[R, img_dim]`` region features of one image (all real).
-        token_ids: the caption's ids (``<start>``/``<end>`` included), length ``L``.
-        lambda_softmax: λ1 to attend with instead of the model's (to show its effect).
-
-    Returns:
-        ``[L, R]`` (t2i: each word over the regions) or ``[R, L]`` (i2t), rows summing to 1.
-    """
-    device = next(model.parameters()).device
-    regions = torch.as_tensor(regions, dtype=torch.float32, device=device)[None]
-    tokens = torch.as_tensor(token_ids, dtype=torch.long, device=device)[None]
-    image = model.encode_images(regions, torch.tensor([regions.shape[1]], device=device)).feats[0]
-    words = model.encode_captions(tokens, torch.tensor([tokens.shape[1]], device=device)).feats[0]
-    smooth = model.cfg.lambda_softmax if lambda_softmax is None else lambda_softmax
-    return xattn.word_region_attention(image, words, model.cfg.raw_feature_norm, smooth, model.cfg.cross_attn).cpu()
+        ``lambda_softmax`` attends with another λ1 than the model's (to show how λ1 sharpens or
+        flattens the attention); the score is then the one the model gives with that λ1.
+        """
+        n_regions, n_words = check_one_pair(image, caption)
+        cfg = self.cfg
+        smooth = cfg.lambda_softmax if lambda_softmax is None else float(lambda_softmax)
+        regions, words = image.feats[:1, :n_regions], caption.feats[:1, :n_words]
+        with eval_mode(self):
+            weights = xattn.word_region_attention(regions[0], words[0], cfg.raw_feature_norm, smooth, cfg.cross_attn)
+            if cfg.cross_attn == "t2i":
+                relevance = xattn.attended_relevance(regions, words, cfg.raw_feature_norm, smooth)[0, 0]
+                parts = {WORD_REGION_WEIGHTS: as_numpy(weights), WORD_SCORES: as_numpy(relevance)}
+            else:
+                relevance = xattn.attended_relevance(words, regions, cfg.raw_feature_norm, smooth)[0, 0]
+                parts = {REGION_WORD_WEIGHTS: as_numpy(weights), REGION_SCORES: as_numpy(relevance)}
+            if lambda_softmax is None:
+                score = float(self.similarity(image, caption)[0, 0])
+            else:
+                score = float(xattn.aggregate(relevance, cfg.agg_func, cfg.lambda_lse, dim=-1))
+        return Explanation(self.method_name, score, n_regions, n_words, parts)
 
 
 def build(run_cfg: RunConfig, vocab_size: int | None) -> SCAN:

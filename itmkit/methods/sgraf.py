@@ -30,7 +30,7 @@ from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
-from itmkit.models.base import MatchingModel
+from itmkit.models.base import WORD_REGION_WEIGHTS, Explanation, MatchingModel, as_numpy, check_one_pair, eval_mode
 from itmkit.models.image_encoders import PrecompRegionEncoder
 from itmkit.models.sgraf_modules import ATTENTION_SMOOTH, SimilarityEncoder
 from itmkit.models.text_encoders import build_text_encoder
@@ -71,6 +71,7 @@ class SGRAF(MatchingModel):
     """
 
     pairwise = True
+    method_name = "sgraf"
 
     def __init__(self, cfg: SGRAFConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
@@ -122,8 +123,8 @@ class SGRAF(MatchingModel):
 
     def score_block(self, images: Encoded, captions: Encoded, details: dict | None = None) -> Tensor:
         """``[n_img, n_cap]`` sigmoid scores of every pair of the two blocks (§3.3 c-f), in one
-        vectorised pass; ``details`` (a dict) receives the intermediates (see
-        :meth:`SimilarityEncoder.score_block`)."""
+        vectorised pass; ``details`` (a dict) receives the padded intermediates (see
+        :meth:`SimilarityEncoder.score_block`; :meth:`explain` gives one pair's, unpadded)."""
         dtype = self.sim.sim_eval_w.weight.dtype
         if images.feats.dtype != dtype:
             # reduced-precision blocks (the engine's CUDA option) meet fp32 weights: the similarity
@@ -134,15 +135,39 @@ class SGRAF(MatchingModel):
             captions.mask, self._region_mask(images), details,
         )
 
-    def explain(self, images: Encoded, captions: Encoded) -> dict[str, Tensor]:
-        """Scores and intermediates of a small block, for pictures: ``scores [n, c]``,
-        ``attention [n, c, R, L]``, ``attended [n, c, L, d]``, ``nodes [n, c, L+1, s]``,
-        SAF ``filtration_weights [n, c, L+1]``
-        or SGR ``sgr_step{i}``/``sgr_edges{i}``, ``vector [n, c, s]``."""
+    @torch.no_grad()
+    def explain(self, image: Encoded, caption: Encoded) -> Explanation:
+        """How SGR / SAF scores one image against one caption (``len == 1`` each), unpadded.
+
+        Node 0 of the similarity graph is the global alignment, node ``t`` (1-based) word ``t - 1``
+        of the caption (``<start>``/``<end>`` included). Parts:
+
+        - ``word_region_weights [n_words, n_regions]``: each word's attention over the regions
+          (§3.3 c, λ = 9; rows sum to 1);
+        - ``similarity_vectors [n_words + 1, s]``: the graph nodes, unit vectors (§3.3 d);
+        - SGR: ``graph_edges [steps, n_words + 1, n_words + 1]``: the edge matrix of every reasoning
+          step (row = receiving node, column = sending node; rows sum to 1; §3.3 e1);
+        - SAF: ``filtration_weights [n_words + 1]``: each node's share of the filtered sum (sum 1; §3.3 e2);
+        - ``similarity_vector [s]``: what ``sim_eval_w`` reads (SGR: node 0 after the last step;
+          SAF: the filtered sum), whose sigmoid-activated projection is the score (§3.3 f).
+        """
+        n_regions, n_words = check_one_pair(image, caption)
         details: dict[str, Tensor] = {}
-        with torch.no_grad():
-            details["scores"] = self.score_block(images, captions, details)
-        return details
+        with eval_mode(self):
+            self.score_block(image.slice(0, 1), caption.slice(0, 1), details)
+            score = float(self.similarity(image, caption)[0, 0])
+        nodes = n_words + 1
+        parts = {
+            WORD_REGION_WEIGHTS: as_numpy(details["attention"][0, 0, :n_regions, :n_words].t()),
+            "similarity_vectors": as_numpy(details["nodes"][0, 0, :nodes]),
+            "similarity_vector": as_numpy(details["vector"][0, 0]),
+        }
+        if self.cfg.module == "SGR":
+            edges = [details[f"sgr_edges{i}"][0, 0, :nodes, :nodes] for i in range(len(self.sim.SGR_module))]
+            parts["graph_edges"] = as_numpy(torch.stack(edges))
+        else:
+            parts["filtration_weights"] = as_numpy(details["filtration_weights"][0, 0, :nodes])
+        return Explanation(self.method_name, score, n_regions, n_words, parts)
 
     def pair_workspace_bytes(self, images: Encoded, captions: Encoded) -> int:
         """Bytes per (image, caption) pair that :meth:`score_block` holds at its peak.

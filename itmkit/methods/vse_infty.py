@@ -94,6 +94,7 @@ class VSEInfty(MatchingModel):
     """
 
     pairwise = False
+    method_name = "vse_infty"
 
     def __init__(self, config: VSEInftyConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()

@@ -12,6 +12,8 @@ A model encodes images and captions separately (each once per evaluation) and sc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +63,33 @@ class Explanation:
         return key in self.parts
 
 
+def check_one_pair(image: Encoded, caption: Encoded) -> tuple[int, int]:
+    """``(n_regions, n_words)`` of the one image and one caption an ``explain`` receives; anything
+    but ``len == 1`` on each side raises. Pooled ``[1, d]`` encodings count as 1 region / 1 word."""
+    if len(image) != 1 or len(caption) != 1:
+        raise ValueError(f"explain: expected one image and one caption, found {len(image)} and {len(caption)}")
+    n_regions = int(image.lengths[0]) if image.lengths is not None else 1
+    n_words = int(caption.lengths[0]) if caption.lengths is not None else 1
+    return n_regions, n_words
+
+
+def as_numpy(tensor: Tensor) -> np.ndarray:
+    """A detached CPU numpy copy of ``tensor`` (its dtype kept), for :attr:`Explanation.parts`."""
+    return tensor.detach().cpu().numpy()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (no dropout, BatchNorm on running statistics) and give it back
+    in the mode it had: explanations show evaluation numbers and leave the model as found."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class MatchingModel(nn.Module):
     """Base class: image encoder + text encoder + similarity.
 
@@ -69,6 +98,7 @@ class MatchingModel(nn.Module):
     """
 
     pairwise: bool = False
+    method_name: str = ""  # the registry name, carried by every Explanation (each method sets it)
 
     def encode_images(self, images: Tensor, lengths: Tensor) -> Encoded:
         """``images [B, K, D]`` float (zero-padded), ``lengths [B]`` long -> :class:`Encoded`."""
@@ -124,14 +154,14 @@ class MatchingModel(nn.Module):
         """One encoded image and one encoded caption (``len == 1`` each) -> :class:`Explanation`.
 
         The base version gives the score only; methods override it to add their intermediates
-        (unpadded, on the CPU, as numpy). Must not change the model's state (eval-mode numbers).
+        (unpadded, on the CPU, as numpy; :func:`check_one_pair`, :func:`as_numpy`). Must not change
+        the model's state: evaluation numbers, computed under :func:`eval_mode`.
         """
-        if len(image) != 1 or len(caption) != 1:
-            raise ValueError(f"explain: expected one image and one caption, found {len(image)} and {len(caption)}")
-        score = float(self.similarity(image, caption).reshape(-1)[0])
-        n_regions = int(image.lengths[0]) if image.lengths is not None else 1
-        n_words = int(caption.lengths[0]) if caption.lengths is not None else 1
-        return Explanation(getattr(self, "method_name", type(self).__name__.lower()), score, n_regions, n_words, {})
+        n_regions, n_words = check_one_pair(image, caption)
+        with eval_mode(self):
+            score = float(self.similarity(image, caption).reshape(-1)[0])
+        return Explanation(self.method_name, score, n_regions, n_words, {})
+
 
     @torch.no_grad()
     def describe(self) -> dict[str, int]:

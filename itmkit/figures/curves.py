@@ -1,8 +1,9 @@
-"""Seaborn charts of numbers for the notebooks: training curves, recall bars, matrices, ranks.
+"""Charts of numbers: training curves, recall bars and tables, similarity matrices, rank
+histograms, caption lengths (seaborn).
 
 Every function returns the :class:`matplotlib.figure.Figure` (titled, axes labelled) and, given
-``save=path``, also writes it (PNG at 120 dpi by default). Pictures drawn on images live in
-:mod:`itmkit.viz`.
+``save=path``, also writes it (PNG at 120 dpi). Pictures drawn on images live in
+:mod:`itmkit.figures.images`.
 """
 
 from __future__ import annotations

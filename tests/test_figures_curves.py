@@ -1,4 +1,4 @@
-"""Plots return titled, labelled figures built from the data given."""
+"""Charts of numbers (itmkit.figures.curves) return titled, labelled figures built from the data given."""
 
 import matplotlib
 
@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from itmkit import plots  # noqa: E402
+from itmkit.figures import curves  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def test_training_curves(tmp_path):
     log = pd.DataFrame({"epoch": [1, 2, 3], "loss": [9.0, 6.0, 4.0], "i2t_r1": [10, 20, 30],
                         "t2i_r1": [5, 15, 25], "rsum": [100, 150, 200]})  # fmt: skip
     steps = pd.DataFrame({"epoch": [1, 1, 2, 2, 3, 3], "step": [1, 2, 3, 4, 5, 6], "loss": [10, 9, 7, 6, 5, 4]})
-    fig = plots.plot_training_curves(log, steps, save=tmp_path / "curves.png")
+    fig = curves.plot_training_curves(log, steps, save=tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
     ax_loss, ax_dev = fig.axes[:2]
     assert fig._suptitle.get_text() == "Training curves"
@@ -31,14 +31,14 @@ def test_training_curves(tmp_path):
     epoch_line = [line for line in ax_loss.lines if len(line.get_xdata()) == 3][0]
     assert list(epoch_line.get_ydata()) == [9.0, 6.0, 4.0]
     with pytest.raises(ValueError, match="missing"):
-        plots.plot_training_curves(pd.DataFrame({"epoch": [1]}))
+        curves.plot_training_curves(pd.DataFrame({"epoch": [1]}))
 
 
 def test_recalls_grouped_bars_with_paper_rows():
     ours = pd.DataFrame({"method": ["vse_infty"], "i2t_r1": [40.0], "i2t_r5": [70.0], "i2t_r10": [80.0],
                          "t2i_r1": [30.0], "t2i_r5": [60.0], "t2i_r10": [75.0]})  # fmt: skip
     paper = pd.DataFrame({"method": ["VSE∞ BiGRU"], "i2t_r1": [76.5], "i2t_r5": [94.2], "t2i_r1": [56.4], "t2i_r5": [83.4]})
-    fig = plots.plot_recalls(ours, reported=paper)
+    fig = curves.plot_recalls(ours, reported=paper)
     ax = fig.axes[0]
     assert ax.get_ylabel() == "recall (%)" and ax.get_xlabel() == "direction and K"
     heights = sorted(round(p.get_height(), 1) for p in ax.patches if p.get_height() > 0)
@@ -51,20 +51,20 @@ def test_recalls_grouped_bars_with_paper_rows():
 def test_similarity_matrix_and_rank_histogram():
     rng = np.random.default_rng(0)
     S = rng.normal(size=(30, 150))
-    fig = plots.plot_similarity_matrix(S, max_images=10)
+    fig = curves.plot_similarity_matrix(S, max_images=10)
     ax = fig.axes[0]
     assert ax.get_xlabel() == "caption (first 50)" and ax.get_ylabel() == "image (first 10)"
     assert len(ax.patches) == 10  # one outline per image's caption group
     S[np.arange(150) // 5, np.arange(150)] += 10  # every positive on top
-    fig = plots.plot_rank_histogram(S)
+    fig = curves.plot_rank_histogram(S)
     assert [a.get_title() for a in fig.axes] == ["i2t: R@1 100.0%", "t2i: R@1 100.0%"]
     assert fig.axes[0].get_ylabel() == "queries"
 
 
 def test_caption_lengths_overlay():
-    fig = plots.plot_caption_lengths({"train": ["a red circle", "a b"], "test": ["one two three four"]})
+    fig = curves.plot_caption_lengths({"train": ["a red circle", "a b"], "test": ["one two three four"]})
     ax = fig.axes[0]
     assert ax.get_xlabel() == "tokens per caption" and ax.get_ylabel() == "captions (%)"
     assert fig._suptitle.get_text() == "Caption length"
     with pytest.raises(ValueError, match="no captions"):
-        plots.plot_caption_lengths([])
+        curves.plot_caption_lengths([])

@@ -1,0 +1,116 @@
+"""Similarity graphs of one (image, caption) pair: similarity vectors, the edges of graph
+reasoning, attention filtration (sgraf.md §3.3 d-e).
+
+Drawing only: the numbers come from a method's :class:`~itmkit.models.base.Explanation`
+(:meth:`itmkit.methods.sgraf.SGRAF.explain`; get one with
+:func:`itmkit.evaluate.explain.explain_pair`). Node 0 of every similarity graph is the global
+alignment, nodes ``1..n_words`` the words (``<start>``/``<end>`` included). Images are uint8
+``[H, W, 3]``, boxes ``[R, 4]`` ``x1, y1, x2, y2`` in pixels. Every function returns a
+matplotlib ``Figure``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from itmkit.figures.alignment import draw_region_weights, word_weights
+from itmkit.models.base import Explanation
+
+GLOBAL_NODE = "<global>"
+FILTRATION_COLOUR = "#4daf4a"
+
+
+def node_labels(words: Sequence[str]) -> list[str]:
+    """Labels of the ``n_words + 1`` graph nodes: the global node, then the words."""
+    return [GLOBAL_NODE, *words]
+
+
+def _part(explanation: Explanation, key: str, words: Sequence[str], figure: str) -> np.ndarray:
+    if key not in explanation:
+        raise ValueError(f"{figure}: expected a {key!r} part (an SGR / SAF explanation), found {sorted(explanation.parts)}")
+    if len(words) != explanation.n_words:
+        raise ValueError(f"{figure} words: expected {explanation.n_words} words (one per valid token), found {len(words)}")
+    return np.asarray(explanation[key], dtype=np.float64)
+
+
+def filtration_figure(image, boxes, words: Sequence[str], explanation: Explanation, top: int = 3,
+                      title: str | None = None):  # fmt: skip
+    """SAF for one pair: the filtration weight of every similarity node (bars), and, for the
+    ``top`` most-kept words, where that word attends in the image (boxes shaded by attention).
+    Needs ``filtration_weights`` and ``word_region_weights``."""
+    import matplotlib.pyplot as plt
+
+    weights = _part(explanation, "filtration_weights", words, "filtration_figure")
+    attention = word_weights(explanation)  # [n_words, n_regions]
+    labels = node_labels(words)
+    kept = [int(t) for t in np.argsort(-weights[1:])[:top]]  # word indices, most kept first
+    fig = plt.figure(figsize=(3.0 * max(top, 2), 5.6))
+    grid = fig.add_gridspec(2, top, height_ratios=[1.0, 1.25])
+    ax = fig.add_subplot(grid[0, :])
+    colours = ["#999999"] + [FILTRATION_COLOUR if t in kept else "#a6d96a" for t in range(len(words))]
+    ax.bar(range(len(labels)), weights, color=colours)
+    ax.axhline(1.0 / len(labels), color="black", linewidth=0.8, linestyle="--", label="uniform")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("filtration weight")
+    ax.set_xlabel("similarity node")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("SAF: which alignments count (weights sum to 1)", fontsize=9)
+    for rank, t in enumerate(kept):
+        sub = fig.add_subplot(grid[1, rank])
+        draw_region_weights(sub, image, boxes, attention[t], top=2,
+                            title=f"'{words[t]}' attends (weight {weights[t + 1]:.2f})")  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def graph_edges_figure(explanation: Explanation, words: Sequence[str], title: str | None = None):
+    """SGR for one pair: the edge matrix of every reasoning step (``graph_edges [steps, n_words + 1,
+    n_words + 1]``; row = receiving node, column = sending node; rows sum to 1)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    edges = _part(explanation, "graph_edges", words, "graph_edges_figure")
+    labels = node_labels(words)
+    steps = len(edges)
+    fig, axes = plt.subplots(1, steps, figsize=(3.6 * steps, 3.6), squeeze=False)
+    # one colour scale for all steps, up to the largest edge (uniform rows would be 1/(L+1))
+    top = float(edges.max())
+    for i, ax in enumerate(axes[0]):
+        sns.heatmap(edges[i], ax=ax, vmin=0, vmax=top, cmap="viridis", square=True, cbar=i == steps - 1,
+                    xticklabels=labels, yticklabels=labels if i == 0 else False)  # fmt: skip
+        ax.set_title(f"step {i + 1} edges", fontsize=9)
+        ax.set_xlabel("sending node")
+        if i == 0:
+            ax.set_ylabel("receiving node")
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title or "SGR: message passing between similarity nodes (node 0 is read out)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def similarity_vectors_figure(explanation: Explanation, words: Sequence[str], title: str | None = None):
+    """The ``n_words + 1`` similarity vectors of one pair (``similarity_vectors``; rows, unit length
+    each) and their cosine to the global node: what SGR / SAF reason over."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    nodes = _part(explanation, "similarity_vectors", words, "similarity_vectors_figure")
+    labels = node_labels(words)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.32 * len(labels) + 1.8),
+                                      gridspec_kw={"width_ratios": [3, 1]})  # fmt: skip
+    sns.heatmap(nodes, ax=left, cmap="magma", yticklabels=labels, xticklabels=False, cbar_kws={"label": "value"})
+    left.set_xlabel(f"similarity dimension (s = {nodes.shape[1]})")
+    left.set_ylabel("node")
+    left.set_title("similarity vectors l2norm(W (x - y)²)", fontsize=9)
+    cosine = nodes @ nodes[0]
+    right.barh(range(len(labels)), cosine, color="#377eb8")
+    right.set_yticks(range(len(labels)), labels, fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel("cosine to the global node")
+    fig.suptitle(title or "Similarity representations of one image-caption pair", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,73 @@
+"""Similarity-graph figures (itmkit.figures.graphs) drawn from real SGR / SAF explanations; they
+draw the explanation's numbers and refuse the wrong explanation or word count."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from itmkit.figures import graphs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def explained():
+    """An untrained smoke SGR and SAF model explaining test image 1 and its caption 5, on the
+    embedded tiny set, with the picture and its boxes."""
+    from itmkit.config import replace_nested
+    from itmkit.data.embedded import embedded_dataset
+    from itmkit.data.precomp import PrecompSplit
+    from itmkit.data.region_features import load_rgb_image
+    from itmkit.data.text import WordIdPipeline
+    from itmkit.data.vocab import Vocabulary
+    from itmkit.evaluate.explain import explain_pair
+    from itmkit.methods.registry import get_method
+
+    root = embedded_dataset("tiny")
+    test = PrecompSplit.open(root, "test")
+    pipeline = WordIdPipeline(Vocabulary.build(PrecompSplit.open(root, "train").captions, threshold=1))
+    found = {}
+    for module in ("SGR", "SAF"):
+        torch.manual_seed(0)
+        cfg = replace_nested(get_method("sgraf").preset("smoke"), {"model.module": module})
+        model = get_method("sgraf").build(cfg, pipeline.vocab_size).eval()
+        found[module] = explain_pair(model, pipeline, test, image=1, caption=5)
+    picture = load_rgb_image(root / "images" / f"{test.image_ids[1]}.png")
+    return found, pipeline.tokens(test.captions[5]), picture, np.asarray(test.boxes[1])
+
+
+def test_similarity_vectors_figure_draws_the_nodes_and_their_cosines(explained):
+    found, words, _, _ = explained
+    fig = graphs.similarity_vectors_figure(found["SGR"], words)
+    left, right = fig.axes[0], next(ax for ax in fig.axes if ax.get_xlabel() == "cosine to the global node")
+    assert [t.get_text() for t in left.get_yticklabels()] == ["<global>", *words]
+    nodes = found["SGR"]["similarity_vectors"]
+    np.testing.assert_allclose([p.get_width() for p in right.patches], nodes @ nodes[0], atol=1e-6)
+    plt.close(fig)
+
+
+def test_graph_edges_figure_has_one_heatmap_per_step(explained):
+    found, words, _, _ = explained
+    fig = graphs.graph_edges_figure(found["SGR"], words)
+    steps = [ax for ax in fig.axes if ax.get_title().startswith("step")]
+    assert len(steps) == found["SGR"]["graph_edges"].shape[0] == 3
+    plt.close(fig)
+    with pytest.raises(ValueError, match=rf"expected {len(words)} words .*found {len(words) - 1}"):
+        graphs.graph_edges_figure(found["SGR"], words[:-1])
+    with pytest.raises(ValueError, match="expected a 'graph_edges' part"):
+        graphs.graph_edges_figure(found["SAF"], words)
+
+
+def test_filtration_figure_bars_are_the_weights_and_kept_words_are_drawn(explained):
+    found, words, picture, boxes = explained
+    fig = graphs.filtration_figure(picture, boxes, words, found["SAF"], top=2)
+    bars, *pictures = fig.axes
+    np.testing.assert_allclose([p.get_height() for p in bars.patches], found["SAF"]["filtration_weights"], rtol=1e-6)
+    kept = np.argsort(-found["SAF"]["filtration_weights"][1:])[:2]
+    assert [ax.get_title().split("'")[1] for ax in pictures] == [words[t] for t in kept]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="expected a 'filtration_weights' part"):
+        graphs.filtration_figure(picture, boxes, words, found["SGR"])
