@@ -5,6 +5,7 @@
     itmkit train --method vse_infty --preset course [--data DIR] [--out DIR] [--set train.epochs=3]
     itmkit eval runs/x/model_best.pt [--data DIR] [--split test] [--protocol coco-5fold-1k] [--out DIR]
     itmkit ensemble a/sims.npy b/sims.npy --protocol coco-5fold-1k coco-5k [--weights 1 1]
+    itmkit retrieve runs/x --caption 12 | --image 3 | --text "a red circle" [-k 5] [--split test]
     itmkit data verify DIR                           check a precomp folder, one row per split
     itmkit data build-embedded --preset course       build (or find) the embedded data set
 
@@ -123,6 +124,56 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def retrieval_table(model, pipeline, split, *, caption=None, image=None, text=None, k=5, progress=False):
+    """``(heading, table)`` of a retrieval query on ``split``: the ``k`` best images of caption
+    ``caption`` or of free ``text``, or the ``k`` best captions of image ``image``
+    (:mod:`itmkit.evaluate.retrieval`; ranks as the metrics count them)."""
+    from itmkit.evaluate.evaluator import encode_split, encode_split_images, encode_texts, similarity_matrix
+    from itmkit.evaluate.retrieval import captions_for_images, images_for_captions, top_k
+
+    def image_ids(indices):
+        return [split.image_ids[i] if split.image_ids is not None else i for i in indices]
+
+    if text is not None:
+        images = encode_split_images(model, split, range(split.n_images))
+        scores = similarity_matrix(model, images, encode_texts(model, pipeline, [text]), progress=progress)[:, 0]
+        found = top_k(scores, k)
+        table = pd.DataFrame({"position": range(1, found.k + 1), "image": found.indices[0],
+                              "image_id": image_ids(found.indices[0]), "score": found.scores[0]})  # fmt: skip
+        return f"text {text!r}: the {found.k} best of {split.n_images} {split.split} images", table
+    sims = similarity_matrix(model, *encode_split(model, split, pipeline, progress=progress), progress=progress)
+    if caption is not None:
+        found = images_for_captions(sims, [caption], k)
+        own = split.image_of_caption(caption)
+        heading = f"caption {caption} {split.captions[caption]!r}: its image {own} ranks #{found.match_rank[0] + 1}"
+        heading += f" of {split.n_images}"
+        table = pd.DataFrame({"position": range(1, found.k + 1), "image": found.indices[0],
+                              "image_id": image_ids(found.indices[0]), "score": found.scores[0],
+                              "match": found.is_match[0]})  # fmt: skip
+        return heading, table
+    found = captions_for_images(sims, [image], k)
+    heading = f"image {image}: its best caption ranks #{found.match_rank[0] + 1} of {split.n_captions}"
+    table = pd.DataFrame({"position": range(1, found.k + 1), "caption": found.indices[0], "score": found.scores[0],
+                          "match": found.is_match[0]})
+    table["text"] = [split.captions[c] for c in found.indices[0]]
+    return heading, table
+
+
+def cmd_retrieve(args) -> int:
+    from itmkit.data.precomp import PrecompSplit
+    from itmkit.runs import load_run
+    from itmkit.train.trainer import resolve_data_dir
+
+    model, cfg, pipeline = load_run(args.run, device=args.device)
+    data_dir = Path(args.data) if args.data is not None else resolve_data_dir(cfg)
+    split = PrecompSplit.open(data_dir, args.split)
+    heading, table = retrieval_table(model, pipeline, split, caption=args.caption, image=args.image, text=args.text,
+                                     k=args.k, progress=not args.quiet)  # fmt: skip
+    print(heading)
+    _print_table(table.round({"score": 4}))
+    return 0
+
+
 def cmd_ensemble(args) -> int:
     from itmkit.evaluate.ensemble import evaluate_ensemble
 
@@ -201,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also read the references' pickled {'npts', 'sims'} files (only files you trust)")
     p.set_defaults(func=cmd_ensemble)
 
+    p = sub.add_parser("retrieve", help="the best images of a caption or text, or the best captions of an image")
+    p.add_argument("run", help="a run directory or checkpoint (model_best.pt)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--caption", type=int, help="a caption index of the split: its best images")
+    query.add_argument("--image", type=int, help="an image index of the split: its best captions")
+    query.add_argument("--text", help="any text: the best images for it")
+    p.add_argument("-k", type=int, default=5, help="how many to list (default 5)")
+    p.add_argument("--data", help="precomp folder (default: the run's data)")
+    p.add_argument("--split", default="test", help="split name (default test)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_retrieve)
+
     p = sub.add_parser("data", help="data tools: verify, build-embedded")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     q = data_sub.add_parser("verify", help="check every split of a precomp folder")
@@ -220,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
+    except (ValueError, KeyError, FileNotFoundError, TypeError, IndexError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"itmkit {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -221,7 +221,8 @@ def test_explain_pair_encodes_like_the_evaluation(tiny_split, method):
     explanation = explain_pair(model, pipeline, split, image=3, caption=7)
     assert explanation.score == pytest.approx(float(sims[3, 7]), abs=1e-5)
     if model.pairwise:
-        assert explanation.n_words == len(pipeline.tokens(split.captions[7])) and explanation.n_regions == split.n_regions
+        assert explanation.n_words == len(pipeline.tokens(split.captions[7]))
+        assert explanation.n_regions == split.n_regions
     by_text = explain_pair(model, pipeline, split, image=3, caption=split.captions[7])
     assert by_text.score == explanation.score
     with pytest.raises(IndexError, match=r"image 16: expected an index in \[0, 16\)"):

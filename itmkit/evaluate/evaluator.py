@@ -213,7 +213,9 @@ def encode_split_images(
     index = np.atleast_1d(np.asarray(images, dtype=np.int64))
     bad = index[(index < 0) | (index >= split.n_images)]
     if len(bad):
-        raise IndexError(f"{split.root} split {split.split!r}: image {int(bad[0])}: expected an index in [0, {split.n_images})")
+        raise IndexError(
+            f"{split.root} split {split.split!r}: image {int(bad[0])}: expected an index in [0, {split.n_images})"
+        )
     device = torch.device(device) if device is not None else _model_device(model)
     feats = torch.from_numpy(np.stack([split.image_features(int(i)) for i in index]))
     lengths = torch.full((len(index),), split.n_regions, dtype=torch.long)

@@ -77,8 +77,8 @@ def draw_region_weights(ax, image, boxes, weights, top: int = 3, title: str | No
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=colour, alpha=0.45 * strength,
                                edgecolor=colour, linewidth=0.5 + 2.5 * strength))  # fmt: skip
     for r in [r for r in np.argsort(-weights, kind="stable")[:top] if weights[r] > 0]:
-        ax.text(boxes[r, 0] + 1, boxes[r, 1] + 1, f"{weights[r]:.2f}", color="white", fontsize=7, va="top",
-                bbox={"facecolor": colours(0.15 + 0.65 * max(scale[r], 0.0)), "alpha": 0.9, "pad": 1, "linewidth": 0})  # fmt: skip
+        label = {"facecolor": colours(0.15 + 0.65 * max(scale[r], 0.0)), "alpha": 0.9, "pad": 1, "linewidth": 0}
+        ax.text(boxes[r, 0] + 1, boxes[r, 1] + 1, f"{weights[r]:.2f}", color="white", fontsize=7, va="top", bbox=label)
     return ax
 
 

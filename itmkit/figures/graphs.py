@@ -29,9 +29,12 @@ def node_labels(words: Sequence[str]) -> list[str]:
 
 def _part(explanation: Explanation, key: str, words: Sequence[str], figure: str) -> np.ndarray:
     if key not in explanation:
-        raise ValueError(f"{figure}: expected a {key!r} part (an SGR / SAF explanation), found {sorted(explanation.parts)}")
+        found = sorted(explanation.parts)
+        raise ValueError(f"{figure}: expected a {key!r} part (an SGR / SAF explanation), found {found}")
     if len(words) != explanation.n_words:
-        raise ValueError(f"{figure} words: expected {explanation.n_words} words (one per valid token), found {len(words)}")
+        raise ValueError(
+            f"{figure} words: expected {explanation.n_words} words (one per valid token), found {len(words)}"
+        )
     return np.asarray(explanation[key], dtype=np.float64)
 
 

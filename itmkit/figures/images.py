@@ -116,7 +116,9 @@ def _frame(ax, colour: str) -> None:
 
 def _check_direction(found: TopK, direction: str, figure: str) -> None:
     if found.direction not in (direction, "scores"):
-        raise ValueError(f"{figure}: expected a {direction} TopK (see itmkit.evaluate.retrieval), found {found.direction!r}")
+        raise ValueError(
+            f"{figure}: expected a {direction} TopK (see itmkit.evaluate.retrieval), found {found.direction!r}"
+        )
 
 
 def text_to_image_figure(
