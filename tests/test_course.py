@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from itmkit import course
+from itmkit.course import notebook, runner
 from itmkit.config import RunConfig, TrainConfig, DataConfig
 
 nbformat = pytest.importorskip("nbformat", reason="the course extra (nbformat, papermill) is not installed")
@@ -59,24 +59,24 @@ def toy_course(tmp_path_factory):
 @pytest.fixture(scope="module")
 def course_run(toy_course, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    frame = course.run_course(
+    frame = runner.run_course(
         None, preset="smoke", out=out, seed=7, epochs=2, notebooks_dir=toy_course, progress=False
     )
     return frame, out
 
 
 def test_discovery_keeps_numbered_notebooks_in_order(toy_course):
-    assert [p.name for p in course.discover_notebooks(toy_course)] == ["00_fails.ipynb", "01_reports.ipynb"]
+    assert [p.name for p in runner.discover_notebooks(toy_course)] == ["00_fails.ipynb", "01_reports.ipynb"]
 
 
 def test_select_by_stem_number_or_name(toy_course):
-    by = lambda names: [p.stem for p in course.select_notebooks(names, toy_course)]  # noqa: E731
+    by = lambda names: [p.stem for p in runner.select_notebooks(names, toy_course)]  # noqa: E731
     assert by(["reports"]) == ["01_reports"]
     assert by(["01", "00_fails"]) == ["00_fails", "01_reports"]  # course order, not argument order
     assert by(["01_reports.ipynb"]) == ["01_reports"]
     assert by(None) == ["00_fails", "01_reports"]
     with pytest.raises(ValueError, match="'nope'.*00_fails"):
-        course.select_notebooks(["nope"], toy_course)
+        runner.select_notebooks(["nope"], toy_course)
 
 
 def test_failing_notebook_is_named_with_its_cell_and_the_rest_still_runs(course_run):
@@ -121,7 +121,7 @@ def test_summary_files_order_columns_and_show_key_metrics(course_run):
 
 
 def test_cli_exits_non_zero_and_names_the_failed_notebook(toy_course, tmp_path, capsys):
-    rc = course.main(["run", "00", "--preset", "smoke", "--out", str(tmp_path), "--notebooks", str(toy_course)])
+    rc = runner.main(["run", "00", "--preset", "smoke", "--out", str(tmp_path), "--notebooks", str(toy_course)])
     captured = capsys.readouterr()
     assert rc == 1
     assert "FAILED: 00_fails" in captured.err
@@ -130,7 +130,7 @@ def test_cli_exits_non_zero_and_names_the_failed_notebook(toy_course, tmp_path, 
 
 
 def test_cli_list_prints_stems_and_titles_in_order(toy_course, capsys):
-    assert course.main(["list", "--notebooks", str(toy_course)]) == 0
+    assert runner.main(["list", "--notebooks", str(toy_course)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{'00_fails':<16} A test notebook",
         f"{'01_reports':<16} A test notebook",
@@ -141,35 +141,35 @@ def test_notebook_without_metrics_counts_as_failed(tmp_path):
     folder = tmp_path / "nb"
     folder.mkdir()
     _write_notebook(folder / "00_silent.ipynb", ["z = 2 + 2"])
-    frame = course.run_course(["silent"], preset="smoke", out=tmp_path / "out", notebooks_dir=folder, progress=False)
+    frame = runner.run_course(["silent"], preset="smoke", out=tmp_path / "out", notebooks_dir=folder, progress=False)
     assert frame["status"].tolist() == ["failed"]
     assert "metrics.json" in frame["error"].iloc[0]
 
 
 def test_markdown_table_by_hand():
     frame = pd.DataFrame({"notebook": ["a|b", "c"], "x": [1.0, float("nan")], "n": [3, 4]})
-    assert course.markdown_table(frame) == (
+    assert runner.markdown_table(frame) == (
         "| notebook | x | n |\n| --- | --- | --- |\n| a\\|b | 1.00 | 3 |\n| c |  | 4 |\n"
     )
 
 
 def test_write_metrics_is_flat_and_unwraps_scalars(tmp_path):
-    path = course.write_metrics(tmp_path / "m", {"b": np.float32(0.5), "a": np.int64(3), "c": float("inf"), "d": "x"})
+    path = notebook.write_metrics(tmp_path / "m", {"b": np.float32(0.5), "a": np.int64(3), "c": float("inf"), "d": "x"})
     assert json.loads(path.read_text()) == {"a": 3, "b": 0.5, "c": None, "d": "x"}
     assert list(json.loads(path.read_text())) == ["a", "b", "c", "d"]
-    assert course.read_metrics(tmp_path / "m")["a"] == 3
-    assert course.read_metrics(tmp_path / "nothing") == {}
+    assert notebook.read_metrics(tmp_path / "m")["a"] == 3
+    assert notebook.read_metrics(tmp_path / "nothing") == {}
     with pytest.raises(TypeError, match=r"metrics.json.*'curve'.*scalar.*list"):
-        course.write_metrics(tmp_path / "m", {"curve": [1, 2]})
+        notebook.write_metrics(tmp_path / "m", {"curve": [1, 2]})
 
 
 def test_embedded_preset_for_maps_presets():
-    assert course.embedded_preset_for("smoke") == "tiny"
-    assert course.embedded_preset_for("course") == "course"
+    assert notebook.embedded_preset_for("smoke") == "tiny"
+    assert notebook.embedded_preset_for("course") == "course"
     with pytest.raises(ValueError, match="preset.*'paper'.*data_dir"):
-        course.embedded_preset_for("paper")
-    assert course.embedded_preset_for("paper", fallback="course") == "course"
-    assert course.embedded_preset_for("smoke", fallback="course") == "tiny"
+        notebook.embedded_preset_for("paper")
+    assert notebook.embedded_preset_for("paper", fallback="course") == "course"
+    assert notebook.embedded_preset_for("smoke", fallback="course") == "tiny"
 
 
 @dataclass
@@ -195,19 +195,19 @@ def test_notebook_run_config_applies_parameters_to_the_method_preset(monkeypatch
     monkeypatch.setitem(sys.modules, "itmkit_toy_method", module)
     monkeypatch.setitem(registry.METHOD_MODULES, "toy", "itmkit_toy_method")
 
-    cfg = course.notebook_run_config("toy", "course", device="cpu", seed=3)
+    cfg = notebook.notebook_run_config("toy", "course", device="cpu", seed=3)
     assert (cfg.train.epochs, cfg.train.device, cfg.train.seed, cfg.preset) == (6, "cpu", 3, "course")
     assert cfg.data.data_dir is None and cfg.data.embedded_preset == "course"
-    cfg = course.notebook_run_config("toy", "smoke", epochs=2)
+    cfg = notebook.notebook_run_config("toy", "smoke", epochs=2)
     assert cfg.train.epochs == 2 and cfg.data.embedded_preset == "tiny"
-    cfg = course.notebook_run_config("toy", "paper", data_dir="/data/f30k_precomp")
+    cfg = notebook.notebook_run_config("toy", "paper", data_dir="/data/f30k_precomp")
     assert cfg.data.data_dir == "/data/f30k_precomp" and cfg.train.epochs == 25
     with pytest.raises(ValueError, match="data_dir.*'paper'"):
-        course.notebook_run_config("toy", "paper")
+        notebook.notebook_run_config("toy", "paper")
     with pytest.raises(ValueError, match="epochs.*0"):
-        course.notebook_run_config("toy", "smoke", epochs=0)
+        notebook.notebook_run_config("toy", "smoke", epochs=0)
     with pytest.raises(KeyError, match="no preset 'huge'"):
-        course.notebook_run_config("toy", "huge")
+        notebook.notebook_run_config("toy", "huge")
 
 
 def test_comparison_run_trains_once_and_is_reused(tmp_path):
@@ -223,3 +223,27 @@ def test_comparison_run_trains_once_and_is_reused(tmp_path):
     assert again.best_rsum == first.best_rsum
     other = comparison_run("vse_infty", "smoke-i2t-lse", tmp_path / "05_sgraf", epochs=1, seed=4)
     assert other.out_dir != first.out_dir  # another seed: another run
+
+
+def test_notebook_names_are_their_modules_own_objects():
+    import importlib
+
+    import itmkit.course as surface
+
+    for name, module_name in surface.NOTEBOOK_NAMES.items():
+        module = importlib.import_module(module_name)
+        expected = module if module_name.rpartition(".")[2] == name else getattr(module, name)
+        assert getattr(surface, name) is expected, name
+        assert name in dir(surface) and name in surface.__all__ and f"``{name}``: ``{module_name}``" in surface.__doc__
+    from itmkit.course import run_course  # the documented entry point
+
+    assert run_course is runner.run_course
+    with pytest.raises(AttributeError, match="no attribute 'trian'; notebook names: .*'train'"):
+        surface.trian  # noqa: B018
+
+
+def test_list_markdown_prints_the_notebook_table(toy_course, capsys):
+    assert runner.main(["list", "--markdown", "--notebooks", str(toy_course)]) == 0
+    assert capsys.readouterr().out == (
+        "| notebook | title |\n| --- | --- |\n| `00_fails` | A test notebook |\n| `01_reports` | A test notebook |\n"
+    )

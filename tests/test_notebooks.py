@@ -6,14 +6,16 @@ this file, and a failure names the notebook (and, in the message, the failing ce
 
 import ast
 import json
+import re
 
 import pytest
 
-from itmkit import course
+from itmkit.course import runner
+from itmkit.paths import REPO_ROOT
 
 nbformat = pytest.importorskip("nbformat", reason="the course extra (nbformat, papermill) is not installed")
 
-NOTEBOOKS = course.discover_notebooks()
+NOTEBOOKS = runner.discover_notebooks()
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
@@ -30,6 +32,25 @@ def _parameters(cell) -> dict:
 def test_the_course_has_its_first_four_notebooks():
     stems = [p.stem for p in NOTEBOOKS]
     assert stems[:4] == ["00_setup", "01_features", "02_data", "03_vse_infty"]
+
+
+@pytest.mark.parametrize("listing", ["notebooks/README.md", "docs/course.md"])
+def test_the_notebook_lists_name_every_notebook_with_its_title(listing):
+    """The tables a reader starts from list exactly the notebooks there are, in order, titled as
+    each notebook's heading (``python -m itmkit.course list --markdown`` prints the two columns)."""
+    rows = re.findall(r"^\| `(\d\d_[a-z0-9_]+)` \| ([^|]+?) \|", (REPO_ROOT / listing).read_text(), flags=re.M)
+    assert [stem for stem, _ in rows] == [p.stem for p in NOTEBOOKS], f"{listing}: the notebook list"
+    assert [title for _, title in rows] == [runner.notebook_title(p) for p in NOTEBOOKS], f"{listing}: titles"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_imports_cell_takes_itmkit_names_from_the_course_surface(path):
+    """The cell after the parameters imports itmkit names from ``itmkit.course`` and at most one
+    module the chapter is about; a cell that shows one specific piece imports it where it is used."""
+    cell = [c for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code"][1]
+    modules = {node.module for node in ast.walk(ast.parse(cell.source)) if isinstance(node, ast.ImportFrom)}
+    itmkit_modules = {m for m in modules if m and m.split(".")[0] == "itmkit"}
+    assert "itmkit.course" in itmkit_modules and len(itmkit_modules) <= 2, f"{path.name}: {sorted(itmkit_modules)}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -70,7 +91,7 @@ def course_out(tmp_path_factory):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_smoke(path, course_out):
     tmp_path = course_out
-    frame = course.run_course([path.stem], preset="smoke", out=tmp_path, progress=False)
+    frame = runner.run_course([path.stem], preset="smoke", out=tmp_path, progress=False)
     row = frame.iloc[0]
     assert row["status"] == "ok", f"{path.stem} failed: {row['error']} (see {tmp_path / path.stem / path.name})"
     metrics = json.loads((tmp_path / path.stem / "metrics.json").read_text())

@@ -7,17 +7,12 @@ each executed copy next to that notebook's outputs (``<out>/<stem>/<stem>.ipynb`
 saves a summary table (``summary.csv``, ``summary.md``) built only from each notebook's
 ``metrics.json``. A failing notebook is named with its failing cell; the others still run; the
 exit status is non-zero at the end. Design: ``../shared/COURSE.md`` ("Headless runs") and
-``docs/notebooks_howto.md``.
-
-The module also holds the few helpers every notebook calls to turn its parameters into a run
-configuration and to write its ``metrics.json`` (:func:`notebook_run_config`,
-:func:`write_metrics`), so the notebooks themselves define no logic.
+``docs/notebooks_howto.md``. What the notebooks call lives in :mod:`itmkit.course.notebook`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -30,11 +25,11 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
+from itmkit.course.notebook import prepare_out_dir, read_metrics
 from itmkit.paths import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 NOTEBOOK_NAME = re.compile(r"^(?P<number>\d{2})_(?P<name>[a-z0-9_]+)\.ipynb$")
-PRESETS = ("smoke", "course", "paper")
 KERNEL_NAME = "python3"
 
 # Metric columns shown in the printed table and summary.md, in this order, when any notebook
@@ -51,146 +46,6 @@ KEY_METRICS = (
     "train_seconds",
 )
 SUMMARY_COLUMNS = ("notebook", "status", "seconds", "cpu_seconds", "peak_rss_mb", "error")
-
-# notebook preset -> embedded data-set preset, for notebooks that use data but no method
-EMBEDDED_PRESET_OF = {"smoke": "tiny", "course": "course"}
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers the notebooks call
-# --------------------------------------------------------------------------------------------
-
-
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` (and parents) and return it as a :class:`Path`."""
-    path = Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def embedded_preset_for(preset: str, fallback: str | None = None) -> str:
-    """The embedded data-set preset a notebook preset reads: ``smoke`` -> ``tiny``, ``course`` ->
-    ``course``. ``paper`` has no embedded set (it needs real precomp data, ``data_dir``): it
-    raises, unless ``fallback`` names the embedded preset to show instead (notebooks that only
-    demonstrate a step on the embedded set, like ``01_features``)."""
-    if preset not in EMBEDDED_PRESET_OF and fallback is not None:
-        return fallback
-    if preset not in EMBEDDED_PRESET_OF:
-        raise ValueError(
-            f"notebook parameter 'preset': expected one of {sorted(EMBEDDED_PRESET_OF)} for the "
-            f"embedded data set, found {preset!r} (the paper preset needs data_dir=<precomp folder>)"
-        )
-    return EMBEDDED_PRESET_OF[preset]
-
-
-def notebook_run_config(
-    method: str,
-    preset: str,
-    *,
-    data_dir: str | Path | None = None,
-    epochs: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-):
-    """The :class:`~itmkit.config.RunConfig` a notebook trains with, from its parameters cell.
-
-    The notebook preset is the method preset (``get_method(method).preset(preset)``: ``smoke``
-    reads the embedded ``tiny`` set, ``course`` the embedded ``course`` set, ``paper`` the paper's
-    recipe and needs ``data_dir``); then ``data_dir``, ``epochs`` (when not None), ``device`` and
-    ``seed`` override ``data.data_dir``, ``train.epochs``, ``train.device``, ``train.seed``.
-    """
-    from itmkit.config import replace_nested
-    from itmkit.methods.registry import get_method
-
-    cfg = get_method(method).preset(preset)
-    if preset.startswith("paper") and data_dir is None and cfg.data.data_dir is None:
-        raise ValueError(
-            f"notebook parameter 'data_dir': expected a precomp folder for preset {preset!r}, "
-            "found None (the paper recipe runs on real features; use smoke or course for the "
-            "embedded set)"
-        )
-    overrides: dict[str, Any] = {"train.device": device, "train.seed": int(seed)}
-    if data_dir is not None:
-        overrides["data.data_dir"] = str(data_dir)
-    if epochs is not None:
-        if int(epochs) < 1:
-            raise ValueError(f"notebook parameter 'epochs': expected a positive integer, found {epochs!r}")
-        overrides["train.epochs"] = int(epochs)
-    return replace_nested(cfg, overrides)
-
-
-def comparison_run(
-    method: str,
-    preset: str,
-    out_dir: str | Path,
-    *,
-    data_dir: str | Path | None = None,
-    epochs: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = False,
-):
-    """Train (or reuse) a method a notebook compares against, e.g. VSE∞ beside SCAN.
-
-    Runs live in ``<out_dir>/../_shared_runs/<method>-<preset>-seed<seed>-<config hash>``, so
-    in one course run the first notebook that needs VSE∞ trains it and the later ones reuse the
-    finished run (the trainer returns a finished run without training). A notebook run on its own
-    simply trains it: nothing depends on what another notebook left behind, and the config hash
-    keeps runs of different settings apart. ``preset`` may be a method variant preset such as
-    ``course-t2i-avg``; ``paper-*`` variants of another method fall back to that method's
-    ``paper`` preset. Returns the trainer's :class:`~itmkit.train.trainer.RunResult`.
-    """
-    import hashlib
-
-    from itmkit.methods.registry import get_method
-    from itmkit.train.trainer import train
-
-    presets = get_method(method).presets
-    if preset not in presets:
-        preset = preset.split("-")[0]  # a variant of another method: the base recipe of this one
-    cfg = notebook_run_config(method, preset, data_dir=data_dir, epochs=epochs, device=device, seed=seed)
-    digest = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:8]
-    folder = Path(out_dir).resolve().parent / "_shared_runs" / f"{method}-{cfg.preset}-seed{seed}-{digest}"
-    return train(cfg, folder, resume=True, progress=progress)
-
-
-def _scalar(key: str, value: Any, path: Path) -> Any:
-    """A JSON scalar for ``metrics.json``; numpy/torch scalars are unwrapped, nesting refused."""
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    raise TypeError(
-        f"{path}: field {key!r}: expected a scalar (number, string, bool or None) so the course "
-        f"summary can tabulate it, found {type(value).__name__}"
-    )
-
-
-def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
-    """Write a flat ``metrics.json`` into ``out_dir`` (keys sorted) and return its path.
-
-    Nested values raise ``TypeError`` naming the key: the batch summary reads only flat scalars.
-    Non-finite floats are stored as ``null`` (JSON has no NaN).
-    """
-    path = prepare_out_dir(out_dir) / "metrics.json"
-    flat = {str(k): _scalar(str(k), v, path) for k, v in metrics.items()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # atomic: a half-written metrics.json never reaches the summary
-    return path
-
-
-def read_metrics(out_dir: str | Path) -> dict[str, Any]:
-    """The flat metrics a notebook wrote to ``out_dir/metrics.json`` ({} when it wrote none)."""
-    path = Path(out_dir) / "metrics.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of metrics, found {type(data).__name__}")
-    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +72,14 @@ def notebook_title(path: str | Path) -> str:
                 if line.startswith("#"):
                     return line.lstrip("#").strip()
     return ""
+
+
+def notebook_table(folder: str | Path | None = None) -> str:
+    """A markdown table ``| notebook | title |`` of every notebook in course order: the first two
+    columns of the notebook lists in ``notebooks/README.md`` and ``docs/course.md`` (a test keeps
+    those lists equal to the notebooks; ``python -m itmkit.course list --markdown`` prints it)."""
+    rows = [f"| `{path.stem}` | {notebook_title(path)} |" for path in discover_notebooks(folder)]
+    return "\n".join(["| notebook | title |", "| --- | --- |", *rows]) + "\n"
 
 
 def select_notebooks(names: Iterable[str] | None, folder: str | Path | None = None) -> list[Path]:
@@ -547,6 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m itmkit.course", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="list the course notebooks in order, with their titles")
+    listing.add_argument("--markdown", action="store_true", help="as a markdown table (for the docs' notebook lists)")
     listing.add_argument("--notebooks", default=None, help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="run notebooks headless and write a summary table")
     run.add_argument("names", nargs="*", help="notebooks by stem, number or name (default: all)")
@@ -565,6 +429,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":
+        if args.markdown:
+            print(notebook_table(args.notebooks), end="")
+            return 0
         for path in discover_notebooks(args.notebooks):
             print(f"{path.stem:<16} {notebook_title(path)}")
         return 0
@@ -589,7 +456,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
