@@ -134,3 +134,21 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
         kwargs[key] = value
     del hints
     return cls(**kwargs)
+
+
+def config_from_run_dict(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Rebuild a :class:`RunConfig` from ``run_cfg.to_dict()`` output (a run's ``config.json``, a
+    checkpoint's ``config``); the model part through the registered method's ``config_cls``."""
+    # the registry is a name table (it imports a method only when asked): the one lookup by name
+    # that this foundation module makes, inside the function
+    from itmkit.methods.registry import get_method
+
+    if not isinstance(data, dict) or "method" not in data or "model" not in data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{source}: field 'config': expected a RunConfig dict with 'method' and 'model', found {found}")
+    spec = get_method(data["method"])
+    model_cfg = config_from_dict(spec.config_cls, data["model"])
+    rest = {key: value for key, value in data.items() if key != "model"}
+    run_cfg = config_from_dict(RunConfig, {**rest, "model": None})
+    run_cfg.model = model_cfg
+    return run_cfg

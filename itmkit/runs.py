@@ -2,6 +2,8 @@
 
 A checkpoint written by :mod:`itmkit.train` carries its config and text pipeline, so a
 ``model_best.pt`` copied anywhere evaluates alone (``itmkit eval model_best.pt --data DIR``).
+This module sits above the trainer: the trainer itself reads its checkpoints through
+:func:`itmkit.train.checkpoint.model_from_checkpoint`.
 """
 
 from __future__ import annotations
@@ -11,26 +13,9 @@ from typing import Any
 
 import torch
 
-from itmkit.config import RunConfig, config_from_dict
-from itmkit.methods.registry import get_method
+from itmkit.config import RunConfig
 from itmkit.models.base import MatchingModel
-from itmkit.runtime import pick_device
-from itmkit.train.checkpoint import load_checkpoint
-from itmkit.train.pipeline_state import pipeline_from_description
-
-
-def config_from_run_dict(data: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Rebuild a :class:`RunConfig` from ``run_cfg.to_dict()`` output; the model part through the
-    registered method's ``config_cls``."""
-    if not isinstance(data, dict) or "method" not in data or "model" not in data:
-        found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{source}: field 'config': expected a RunConfig dict with 'method' and 'model', found {found}")
-    spec = get_method(data["method"])
-    model_cfg = config_from_dict(spec.config_cls, data["model"])
-    rest = {key: value for key, value in data.items() if key != "model"}
-    run_cfg = config_from_dict(RunConfig, {**rest, "model": None})
-    run_cfg.model = model_cfg
-    return run_cfg
+from itmkit.train.checkpoint import model_from_checkpoint
 
 
 def resolve_checkpoint(path_or_ckpt: str | Path) -> Path:
@@ -52,17 +37,4 @@ def load_run(path_or_ckpt: str | Path, device: str | torch.device | None = None)
     ``device=None`` picks cuda / mps / cpu. Weights load strictly: a checkpoint that does not
     fit the model its config builds raises with the offending key names.
     """
-    ckpt_path = resolve_checkpoint(path_or_ckpt)
-    ckpt = load_checkpoint(ckpt_path)
-    for key in ("config", "text_pipeline", "model"):
-        if key not in ckpt:
-            raise ValueError(f"{ckpt_path}: field {key!r}: expected in an itmkit checkpoint, found keys {sorted(ckpt)}")
-    run_cfg = config_from_run_dict(ckpt["config"], str(ckpt_path))
-    pipeline = pipeline_from_description(ckpt["text_pipeline"], str(ckpt_path))
-    model = get_method(run_cfg.method).build(run_cfg, pipeline.vocab_size)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_path}: field 'model': state dict does not fit {type(model).__name__}; "
-                         f"missing keys {list(missing)[:10]}, unexpected keys {list(unexpected)[:10]}")
-    target = pick_device("auto" if device is None else str(device))
-    return model.to(target).eval(), run_cfg, pipeline
+    return model_from_checkpoint(resolve_checkpoint(path_or_ckpt), device)

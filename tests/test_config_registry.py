@@ -42,3 +42,18 @@ def test_every_registered_method_has_the_standard_presets(name):
         cfg = spec.preset(preset)
         assert cfg.method == name and cfg.preset == preset
         assert isinstance(cfg.model, spec.config_cls)
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_MODULES))
+def test_a_run_config_round_trips_through_its_json_dict(name):
+    import json
+
+    from itmkit.config import config_from_run_dict
+
+    cfg = get_method(name).preset("smoke")
+    back = config_from_run_dict(json.loads(cfg.to_json()), "config.json")
+    assert back == cfg and type(back.model) is get_method(name).config_cls
+    with pytest.raises(ValueError, match="config.json: field 'config': expected a RunConfig dict.*found \\['train'\\]"):
+        config_from_run_dict({"train": {}}, "config.json")
+    with pytest.raises(KeyError, match="unknown method 'nope'"):
+        config_from_run_dict({"method": "nope", "model": {}})

@@ -21,7 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from itmkit.config import config_from_run_dict
 from itmkit.evaluate.atomic_write import atomic_path
+from itmkit.methods.registry import get_method
+from itmkit.runtime import pick_device
+from itmkit.train.pipeline_state import pipeline_from_description
 
 CHECKPOINT_FORMAT = "itmkit-run-checkpoint"
 FORMAT_VERSION = 1
@@ -52,6 +56,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: field 'format': expected {CHECKPOINT_FORMAT!r}, found {found!r}")
     return payload
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device | None = None):
+    """``(model in eval mode on device, run_cfg, text pipeline)`` from a checkpoint this trainer
+    wrote (``model_best.pt`` or ``checkpoint.pt``): the config and text pipeline it carries build
+    the model, whose weights then load strictly (a misfit raises naming the keys). ``device=None``
+    picks cuda / mps / cpu. :func:`itmkit.runs.load_run` also takes a run directory."""
+    ckpt = load_checkpoint(path)
+    for key in ("config", "text_pipeline", "model"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: field {key!r}: expected in an itmkit checkpoint, found keys {sorted(ckpt)}")
+    run_cfg = config_from_run_dict(ckpt["config"], str(path))
+    pipeline = pipeline_from_description(ckpt["text_pipeline"], str(path))
+    model = get_method(run_cfg.method).build(run_cfg, pipeline.vocab_size)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: field 'model': state dict does not fit {type(model).__name__}; "
+                         f"missing keys {list(missing)[:10]}, unexpected keys {list(unexpected)[:10]}")
+    target = pick_device("auto" if device is None else str(device))
+    return model.to(target).eval(), run_cfg, pipeline
 
 
 # --- RNG states as plain data ---------------------------------------------------------------

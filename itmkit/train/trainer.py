@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from itmkit.config import RunConfig
+from itmkit.config import RunConfig, config_from_run_dict
 from itmkit.data.loaders import PairDataset, steps_per_epoch, train_batches
 from itmkit.data.precomp import PrecompSplit, list_splits
 from itmkit.data.text import build_text_pipeline
@@ -51,6 +51,7 @@ from itmkit.models.base import MatchingModel
 from itmkit.runtime import pick_device, seed_everything
 from itmkit.train.checkpoint import (
     load_checkpoint,
+    model_from_checkpoint,
     plain_state_dict,
     rng_state_plain,
     save_checkpoint,
@@ -359,14 +360,10 @@ def _result(out, run_cfg, state: TrainState, model, pipeline, finished: bool, te
 
 def load_run_result(out_dir: str | Path, load_model: bool = True) -> RunResult:
     """The :class:`RunResult` of a finished run directory, read from its files (no training)."""
-    from itmkit.runs import load_run
-
     out = Path(out_dir)
     summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
-    model, run_cfg, pipeline = load_run(out) if load_model else (None, None, None)
+    model, run_cfg, pipeline = model_from_checkpoint(out / "model_best.pt") if load_model else (None, None, None)
     if run_cfg is None:
-        from itmkit.runs import config_from_run_dict
-
         run_cfg = config_from_run_dict(json.loads((out / "config.json").read_text(encoding="utf-8")))
     test_path = out / "test_metrics.csv"
     return RunResult(out_dir=out, config=run_cfg, finished=True, best_epoch=int(summary["best_epoch"]),
