@@ -33,12 +33,14 @@ class CheckpointMismatchError(RuntimeError):
 @dataclass
 class LoadReport:
     """Keys the model expects but the state dict lacks, keys it does not know, and shape clashes
-    (``name -> (expected shape, found shape)``)."""
+    (``name -> (expected shape, found shape)``). :func:`load_similarity_part` also lists the
+    state's keys it left aside (``skipped``: the encoders')."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     misshaped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     loaded: int = 0
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -52,6 +54,8 @@ class LoadReport:
             lines.append(f"unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
         for name, (expected, found) in self.misshaped.items():
             lines.append(f"misshaped: {name}: expected {list(expected)}, found {list(found)}")
+        if self.skipped:
+            lines.append(f"skipped ({len(self.skipped)}): " + ", ".join(self.skipped))
         return "\n".join(lines)
 
 
@@ -218,3 +222,29 @@ def apply_reference_recipe(train: Any, opt: Any, recipe: Mapping[str, tuple[str,
             setattr(train, ours, cast(value))
     if opt_value(opt, "lr_update") is not None:
         train.lr_decay_epochs = (int(opt_value(opt, "lr_update")),)
+
+
+def load_similarity_part(model: nn.Module, state: Mapping[str, Tensor], source: str = "state dict") -> LoadReport:
+    """Load only the similarity part of ``model`` (its ``similarity_prefixes``, e.g. SGRAF's
+    ``sim.*``) from ``state``, for scoring features you hold
+    (:func:`itmkit.similarity.scoring.score_sets`) without the encoders the checkpoint was
+    trained with.
+
+    Strict inside the part: a similarity key missing, misshaped or unknown to the model raises
+    :class:`CheckpointMismatchError` naming it (nothing is loaded then). Outside it nothing is
+    loaded and nothing is refused: the report lists the model's keys left as built (``missing``:
+    the encoders) and the state's keys left aside (``skipped``), by name.
+    """
+    prefixes = tuple(getattr(model, "similarity_prefixes", ()))
+    in_part = lambda key: key.startswith(prefixes) if prefixes else False  # noqa: E731
+    expected = model.state_dict()
+    part = {k: v for k, v in state.items() if in_part(k)}
+    report = compare_state_dicts({k: v for k, v in expected.items() if in_part(k)}, part)
+    report.unexpected += sorted(k for k in state if not in_part(k) and k not in expected)
+    if not report.ok:
+        raise CheckpointMismatchError(source, report)
+    model.load_state_dict(part, strict=False)  # exactly the part's keys, checked above
+    report.missing = sorted(k for k in expected if not in_part(k))
+    report.skipped = sorted(k for k in state if not in_part(k))
+    return report
+

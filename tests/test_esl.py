@@ -551,3 +551,32 @@ def test_ensemble_of_two_different_methods_from_their_saved_results(tmp_path):
     assert not np.allclose(direct[0], direct[1])  # two different models
     assert result.metric("rsum") == pytest.approx(recall_metrics(mean)["rsum"])
     assert (tmp_path / "ens" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("variant", ["H", "A"])
+def test_the_similarity_alone_scores_held_features_like_the_reference(variant):
+    """sim_vec alone (no encoders in the checkpoint): convert and load the levels and the
+    correspondence, report the encoders by name, score unit region / word features held elsewhere."""
+    from itmkit.checkpoints import load_similarity_part
+    from itmkit.similarity.scoring import score_sets
+
+    sim = reference_sim_state(variant, 256, seed=2)
+    run_cfg, state = convert_checkpoint({"model": [{}, {}, {f"module.{k}": v for k, v in sim.items()}]},
+                                        similarity_only=True)  # fmt: skip
+    assert run_cfg.model.variant == variant and run_cfg.model.embed_size == 256
+    assert not any(key.startswith(("image.", "text.")) for key in state)
+    # the encoders are not loaded, so any text encoder will do: a small BiGRU instead of BERT
+    model = ESL(run_cfg.model, TextConfig(kind="bigru", word_dim=8), 10).double().eval()
+    report = load_similarity_part(model, state, "sim_vec only")
+    assert "image.fc.weight" in report.missing and not any(k.startswith("correspondence.") for k in report.missing)
+    g = torch.Generator().manual_seed(6)
+    regions = torch.nn.functional.normalize(torch.randn(2, 5, 256, generator=g, dtype=torch.float64), dim=-1)
+    words = torch.nn.functional.normalize(torch.randn(3, 4, 256, generator=g, dtype=torch.float64), dim=-1)
+    img_len, cap_len = torch.tensor([5, 5]), torch.tensor([4, 2, 3])
+    ours = score_sets(model, regions, words, img_len, cap_len)
+    sim64 = {k: v.double() for k, v in sim.items()}
+    want = reference_similarity(regions, img_len, words, cap_len, sim64, variant == "H")
+    assert torch.allclose(ours.double(), want, atol=1e-4), (ours - want).abs().max()
+    with pytest.raises(CheckpointFormatError, match="fc.weight"):
+        convert_checkpoint({"model": [{}, {}, sim]})  # the whole model needs its encoders
+

@@ -598,6 +598,35 @@ def test_convert_checkpoint_loads_strictly_and_scores_like_the_reference(module,
         assert abs(float(scores[1, 1]) - float(ref_score(model.sim, regions, words))) < 1e-10
 
 
+@pytest.mark.parametrize("module", ["SGR", "SAF"])
+def test_the_similarity_alone_scores_held_features_like_the_reference(module):
+    """A checkpoint whose encoders are absent: convert sim_enc alone, load it into a model whose
+    encoders stay as built (reported by name), score region / word features held elsewhere."""
+    from itmkit.checkpoints import load_similarity_part
+    from itmkit.similarity.scoring import score_sets
+
+    checkpoint = reference_checkpoint(module)
+    checkpoint["model"] = [{}, {}, checkpoint["model"][2]]
+    run_cfg, state = convert_checkpoint(checkpoint, similarity_only=True)
+    assert run_cfg.model.embed_size == D and run_cfg.model.sim_dim == S and run_cfg.model.module == module
+    assert state and all(key.startswith("sim.") for key in state)
+    model = SGRAF(run_cfg.model, run_cfg.text, 5).double().eval()
+    report = load_similarity_part(model, state, "sim only")
+    assert "image.fc.weight" in report.missing and "text.rnn.weight_hh_l0" in report.missing
+    g = torch.Generator().manual_seed(5)
+    regions = torch.nn.functional.normalize(torch.randn(2, R, D, generator=g, dtype=torch.float64), dim=-1)
+    words = torch.nn.functional.normalize(torch.randn(3, 6, D, generator=g, dtype=torch.float64), dim=-1)
+    lengths = torch.tensor([6, 4, 2])
+    scores = score_sets(model, regions, words, caption_lengths=lengths)  # stored in fp32 by the engine
+    with torch.no_grad():
+        for i in range(2):
+            for j in range(3):
+                expected = float(ref_score(model.sim, regions[i], words[j, : int(lengths[j])]))
+                assert abs(float(scores[i, j]) - expected) < 1e-6
+    with pytest.raises(KeyError, match="img_enc: expected key 'fc.weight'"):
+        convert_checkpoint(checkpoint)  # the whole model needs its encoders
+
+
 def test_convert_checkpoint_rejects_inconsistent_files():
     checkpoint = reference_checkpoint("SAF")
     checkpoint["opt"].module_name = "SGR"

@@ -326,6 +326,7 @@ class ESL(MatchingModel):
 
     pairwise = True
     method_name = "esl"
+    similarity_prefixes = ("image_levels.", "text_levels.", "correspondence.")
 
     def __init__(self, cfg: ESLConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
@@ -354,12 +355,21 @@ class ESL(MatchingModel):
         if self.cfg.attend_padded_regions:
             # quirk kept for checkpoint parity: every padded region counts as a region (§8.5)
             lengths = torch.full_like(lengths, images.shape[1])
-        levels = self.image_levels(regions)
-        return Encoded(levels, lengths, {"projected": self.correspondence.project_regions(levels)})
+        return self.images_from_regions(regions, lengths)
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         """``tokens [B, L]`` ids, ``lengths [B]`` (incl. start/end or CLS/SEP) -> ``[B, L, ΣD_l]``."""
-        return Encoded(self.text_levels(self.text(tokens, lengths)), lengths)
+        return self.captions_from_words(self.text(tokens, lengths), lengths)
+
+    def images_from_regions(self, regions: Tensor, lengths: Tensor) -> Encoded:
+        """Unit region embeddings ``[B, K, D]`` -> their level features ``[B, K, ΣD_l]`` (§3.3) with
+        ``extras["projected"]``, the image side of the bilinear forms (§3.4)."""
+        levels = self.image_levels(regions)
+        return Encoded(levels, lengths, {"projected": self.correspondence.project_regions(levels)})
+
+    def captions_from_words(self, words: Tensor, lengths: Tensor) -> Encoded:
+        """Unit word embeddings ``[B, L, D]`` -> their level features ``[B, L, ΣD_l]`` (§3.3)."""
+        return Encoded(self.text_levels(words), lengths)
 
     def _scores(self, images: Encoded, captions: Encoded) -> Tensor:
         """``A [bi, bc, L, R]`` in fp32: one GEMM ``[bc·L, F] x [F, bi·R]``."""
@@ -604,8 +614,35 @@ def _similarity_keys(sim_state: Mapping[str, Tensor], name: str) -> tuple[dict[s
     return state, variant, levels
 
 
+def _encoder_states(
+    name: str, img_state: dict[str, Tensor], txt_state: dict[str, Tensor], state: dict[str, Tensor]
+) -> tuple[int, int]:
+    """Check and rename the ``img_enc`` / ``txt_enc`` states (§7) into ``state``; returns
+    ``(embed_size, img_dim)``."""
+    from itmkit.checkpoints import BERT_POSITION_IDS
+
+    if "fc.weight" not in img_state:
+        raise CheckpointFormatError(name, "model[0] (img_enc)", "key 'fc.weight'", f"keys {sorted(img_state)[:6]}")
+    if "mlp.layers.0.weight" not in img_state:
+        raise CheckpointFormatError(
+            name, "model[0] (img_enc)", "the residual MLP key 'mlp.layers.0.weight' (precomp_enc_type basic)",
+            f"keys {sorted(img_state)[:6]}",
+        )
+    embed_size, img_dim = (int(s) for s in img_state["fc.weight"].shape)
+    state.update({f"image.{k}": v for k, v in img_state.items()})
+
+    if "linear.weight" not in txt_state or not any(k.startswith("bert.") for k in txt_state):
+        raise CheckpointFormatError(
+            name, "model[1] (txt_enc)", "a BERT text encoder ('bert.*' and 'linear.weight')", f"keys {sorted(txt_state)[:6]}"
+        )
+    for key, value in txt_state.items():
+        state[("text.backbone." + key[len("bert."):]) if key.startswith("bert.") else ("text." + key)] = value
+    state.pop(BERT_POSITION_IDS, None)  # a fixed arange buffer; load_reference_checkpoint restores it if needed
+    return embed_size, img_dim
+
+
 def convert_checkpoint(
-    source: str | Path | Mapping[str, Any], *, hf_path: str | Path | None = None
+    source: str | Path | Mapping[str, Any], *, hf_path: str | Path | None = None, similarity_only: bool = False
 ) -> tuple[RunConfig, dict[str, Tensor]]:
     """A released ESL checkpoint (§7) -> ``(RunConfig, state_dict for ESL)``.
 
@@ -620,8 +657,12 @@ def convert_checkpoint(
     ``threshold_position``, ``log_sharpness``; ``masks_l`` -> ``level_matrices.l``;
     ``lynorm_l.*`` -> ``level_norms.l.*``. ``hf_path``: local folder of the BERT it was trained
     with (``bert-base-uncased``). Load with :func:`load_reference_checkpoint` (strict).
+    ``similarity_only``: convert ``sim_vec`` alone (``img_enc`` / ``txt_enc`` may be empty):
+    the state holds the ``image_levels`` / ``text_levels`` / ``correspondence`` keys, ``embed_size``
+    comes from the level matrices and ``img_dim`` keeps its default; load it with
+    :func:`itmkit.checkpoints.load_similarity_part`.
     """
-    from itmkit.checkpoints import BERT_POSITION_IDS, apply_reference_recipe, open_reference_checkpoint, reference_dataset, strip_prefix
+    from itmkit.checkpoints import apply_reference_recipe, open_reference_checkpoint, reference_dataset, strip_prefix
 
     name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model")
@@ -630,30 +671,18 @@ def convert_checkpoint(
         raise CheckpointFormatError(name, "model", "a list of 3 state dicts [img_enc, txt_enc, sim_vec]", found)
     img_state, txt_state, sim_state = (strip_prefix(p) for p in parts)
     opt = checkpoint.get("opt")
-
-    if "fc.weight" not in img_state:
-        raise CheckpointFormatError(name, "model[0] (img_enc)", "key 'fc.weight'", f"keys {sorted(img_state)[:6]}")
-    if "mlp.layers.0.weight" not in img_state:
-        raise CheckpointFormatError(
-            name, "model[0] (img_enc)", "the residual MLP key 'mlp.layers.0.weight' (precomp_enc_type basic)",
-            f"keys {sorted(img_state)[:6]}",
-        )
-    embed_size, img_dim = (int(s) for s in img_state["fc.weight"].shape)
-    state = {f"image.{k}": v for k, v in img_state.items()}
-
-    if "linear.weight" not in txt_state or not any(k.startswith("bert.") for k in txt_state):
-        raise CheckpointFormatError(
-            name, "model[1] (txt_enc)", "a BERT text encoder ('bert.*' and 'linear.weight')", f"keys {sorted(txt_state)[:6]}"
-        )
-    for key, value in txt_state.items():
-        state[("text.backbone." + key[len("bert."):]) if key.startswith("bert.") else ("text." + key)] = value
-    state.pop(BERT_POSITION_IDS, None)  # a fixed arange buffer; load_reference_checkpoint restores it if needed
+    state: dict[str, Tensor] = {}
+    embed_size, img_dim = 0, ESLConfig.img_dim  # similarity only: embed_size from the level matrices below
+    if not similarity_only:
+        embed_size, img_dim = _encoder_states(name, img_state, txt_state, state)
 
     sim_renamed, variant, levels = _similarity_keys(sim_state, name)
     state.update(sim_renamed)
     if "correspondence.level_matrices.1" not in state or levels < 2:
         raise CheckpointFormatError(name, "model[2] (sim_vec)", "level matrices 'sims.calculator_1.masks_<l>.weight'",
                                     f"keys {sorted(sim_state)[:4]}")
+    if similarity_only:
+        embed_size = int(state["correspondence.level_matrices.0"].shape[0])  # level 0 is [D, D]
     level1 = int(state["correspondence.level_matrices.1"].shape[0])
     kernel_size = embed_size // level1 if level1 else 2
     model = ESLConfig(

@@ -72,6 +72,7 @@ class SGRAF(MatchingModel):
 
     pairwise = True
     method_name = "sgraf"
+    similarity_prefixes = ("sim.",)
 
     def __init__(self, cfg: SGRAFConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
@@ -99,7 +100,21 @@ class SGRAF(MatchingModel):
                 f"BatchNorm1d is built for that many, sgraf.md §8.2), found {images.shape[1]}; "
                 f"set model.num_regions to the data's region count"
             )
-        regions = self.image(images, lengths)
+        return self.images_from_regions(self.image(images, lengths), lengths)
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Encoded:
+        """``tokens [B, L]``, ``lengths [B]`` -> words ``[B, L, d]`` with ``extras["global"] [B, d]`` (TextSA)."""
+        return self.captions_from_words(self.text(tokens, lengths), lengths)
+
+    def images_from_regions(self, regions: Tensor, lengths: Tensor) -> Encoded:
+        """Region embeddings ``[B, K, d]`` (``K <= num_regions``) -> regions zero-padded to
+        ``num_regions`` with ``extras["global"] [B, d]`` (VisualSA, §3.3 a)."""
+        n_regions = self.cfg.num_regions
+        if regions.shape[1] > n_regions:
+            raise ValueError(
+                f"SGRAF regions: expected at most num_regions={n_regions} per image (VisualSA's BatchNorm1d "
+                f"is built for that many, sgraf.md §8.2), found {regions.shape[1]}"
+            )
         if regions.shape[1] < n_regions:
             regions = torch.cat([regions, regions.new_zeros(regions.shape[0], n_regions - regions.shape[1], regions.shape[2])], 1)
         encoded = Encoded(regions, lengths.to(regions.device))
@@ -107,9 +122,8 @@ class SGRAF(MatchingModel):
         image_global = self.sim.global_image(regions, None if full else encoded.mask)
         return Encoded(regions, encoded.lengths, {"global": image_global})
 
-    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Encoded:
-        """``tokens [B, L]``, ``lengths [B]`` -> words ``[B, L, d]`` with ``extras["global"] [B, d]`` (TextSA)."""
-        words = self.text(tokens, lengths)
+    def captions_from_words(self, words: Tensor, lengths: Tensor) -> Encoded:
+        """Word embeddings ``[B, L, d]`` -> the same with ``extras["global"] [B, d]`` (TextSA, §3.3 b)."""
         encoded = Encoded(words, lengths.to(words.device))
         return Encoded(words, encoded.lengths, {"global": self.sim.global_caption(words, encoded.mask)})
 
@@ -313,14 +327,18 @@ def reference_state_to_itmkit(parts: list[Mapping[str, Tensor]]) -> dict[str, Te
     return state
 
 
-def config_from_reference(parts: list[Mapping[str, Tensor]], opt: Any = None) -> SGRAFConfig:
+def config_from_reference(
+    parts: list[Mapping[str, Tensor]], opt: Any = None, similarity_only: bool = False
+) -> SGRAFConfig:
     """Model config of a reference checkpoint: shapes from the state dicts, switches from ``opt``.
 
     The module (SGR / SAF) is read from the keys (``SGR_module.*`` / ``SAF_module.*``) and must
-    agree with ``opt.module_name`` when that is present."""
+    agree with ``opt.module_name`` when that is present. ``similarity_only``: ``img_enc`` and
+    ``txt_enc`` may be empty; ``embed_size`` then comes from ``sim_enc`` and ``img_dim`` /
+    ``bi_gru`` keep their defaults (the encoders are not loaded)."""
     img, txt, sim = (strip_prefix(dict(p)) for p in parts)
-    for name, part, key in (("img_enc", img, "fc.weight"), ("txt_enc", txt, "embed.weight"),
-                            ("sim_enc", sim, "sim_tranloc_w.weight")):
+    required = (("img_enc", img, "fc.weight"), ("txt_enc", txt, "embed.weight"), ("sim_enc", sim, "sim_tranloc_w.weight"))
+    for name, part, key in required[2:] if similarity_only else required:
         if key not in part:
             raise KeyError(f"SGRAF checkpoint {name}: expected key {key!r}, found keys {sorted(part)[:8]}...")
     sgr = sorted({int(k.split(".")[1]) for k in sim if k.startswith("SGR_module.")})
@@ -330,7 +348,10 @@ def config_from_reference(parts: list[Mapping[str, Tensor]], opt: Any = None) ->
     declared = opt_value(opt, "module_name")
     if declared is not None and declared != module:
         raise ValueError(f"SGRAF checkpoint opt.module_name: expected {module!r} (from the keys), found {declared!r}")
-    embed_size, img_dim = img["fc.weight"].shape
+    if "fc.weight" in img:
+        embed_size, img_dim = img["fc.weight"].shape
+    else:  # similarity only: sim_tranloc_w is Linear(embed_size, sim_dim)
+        embed_size, img_dim = sim["sim_tranloc_w.weight"].shape[1], SGRAFConfig.img_dim
     return SGRAFConfig(
         module=module,
         img_dim=int(img_dim),
@@ -338,19 +359,25 @@ def config_from_reference(parts: list[Mapping[str, Tensor]], opt: Any = None) ->
         sim_dim=int(sim["sim_tranloc_w.weight"].shape[0]),
         num_regions=int(sim["v_global_w.embedding_local.1.weight"].shape[0]),
         sgr_step=len(sgr) if sgr else int(opt_value(opt, "sgr_step", 3)),
-        bi_gru=any(k.endswith("_reverse") for k in txt),
+        bi_gru=any(k.endswith("_reverse") for k in txt) if txt else SGRAFConfig.bi_gru,
         num_layers=int(opt_value(opt, "num_layers", 1)),
         no_imgnorm=bool(opt_value(opt, "no_imgnorm", False)),
         no_txtnorm=bool(opt_value(opt, "no_txtnorm", False)),
     )
 
 
-def convert_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[RunConfig, dict[str, Tensor]]:
+def convert_checkpoint(
+    source: str | Path | Mapping[str, Any], *, similarity_only: bool = False
+) -> tuple[RunConfig, dict[str, Tensor]]:
     """Import a released SGRAF checkpoint (``model_best.pth.tar``, sgraf.md §7).
 
     Args:
         source: the file, or the already loaded dict (``{"model": [img, txt, sim], "opt": ...,
             "epoch": ...}``).
+        similarity_only: convert ``sim_enc`` alone (``img_enc`` / ``txt_enc`` may be empty or
+            anything): the state holds the ``sim.*`` keys only, for
+            :func:`itmkit.checkpoints.load_similarity_part` and
+            :func:`itmkit.similarity.scoring.score_sets` on features you hold.
 
     Returns:
         ``(run_config, state_dict)``; ``build(run_config, vocab_size=V + 1)`` then loads the state
@@ -364,11 +391,17 @@ def convert_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[RunConfi
     if not isinstance(parts, (list, tuple)):
         raise ValueError(f"{name}: field 'model': expected a list [img_enc, txt_enc, sim_enc], found {type(parts).__name__}")
     opt = checkpoint.get("opt")
-    model_cfg = config_from_reference(list(parts), opt)
+    if len(parts) != 3:
+        raise ValueError(f"SGRAF checkpoint 'model': expected [img_enc, txt_enc, sim_enc], found {len(parts)} state dicts")
+    model_cfg = config_from_reference(list(parts), opt, similarity_only)
     dataset = reference_dataset(opt)
     run_cfg = paper_preset(dataset, model_cfg.module)
     run_cfg.model = model_cfg
     run_cfg.preset = f"paper-{dataset}-{model_cfg.module.lower()}"
+    if similarity_only:
+        state = {f"sim.{k}": v for k, v in strip_prefix(dict(parts[2])).items()}
+        check_converted(SGRAF(model_cfg, run_cfg.text, 2).sim, strip_prefix(state, "sim."), name, "SGRAF similarity")
+        return run_cfg, state
     txt = strip_prefix(dict(parts[1]))
     run_cfg.text = dataclasses.replace(run_cfg.text, word_dim=int(txt["embed.weight"].shape[1]))
     vocab = scan_text_dir() / "vocab" / f"{dataset}_precomp_vocab.json"

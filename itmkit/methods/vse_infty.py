@@ -95,6 +95,7 @@ class VSEInfty(MatchingModel):
 
     pairwise = False
     method_name = "vse_infty"
+    similarity_prefixes = ("image_pool.", "text_pool.")  # GPO: sets -> the vectors the dot product compares
 
     def __init__(self, config: VSEInftyConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
@@ -148,6 +149,14 @@ class VSEInfty(MatchingModel):
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         """``[B, L]`` ids -> ``Encoded(feats [B, d])`` (unit vectors unless ``no_txtnorm``)."""
         return Encoded(self.caption_pooling(tokens, lengths).embedding)
+
+    def images_from_regions(self, regions: Tensor, lengths: Tensor) -> Encoded:
+        """Region embeddings ``[B, K, d]`` -> GPO-pooled image vectors ``Encoded([B, d])`` (§B.1)."""
+        return Encoded(self._pool(self.image_pool, regions, lengths, not self.config.no_imgnorm).embedding)
+
+    def captions_from_words(self, words: Tensor, lengths: Tensor) -> Encoded:
+        """Word embeddings ``[B, L, d]`` -> GPO-pooled caption vectors ``Encoded([B, d])`` (§B.1)."""
+        return Encoded(self._pool(self.text_pool, words, lengths, not self.config.no_txtnorm).embedding)
 
 
 def build(run_cfg: RunConfig, vocab_size: int | None) -> VSEInfty:

@@ -99,6 +99,9 @@ class MatchingModel(nn.Module):
 
     pairwise: bool = False
     method_name: str = ""  # the registry name, carried by every Explanation (each method sets it)
+    # state-dict prefixes of the similarity part: the parameters between the encoders' outputs and
+    # the score (SGRAF "sim."); empty when the similarity has none (SCAN, CHAN)
+    similarity_prefixes: tuple[str, ...] = ()
 
     def encode_images(self, images: Tensor, lengths: Tensor) -> Encoded:
         """``images [B, K, D]`` float (zero-padded), ``lengths [B]`` long -> :class:`Encoded`."""
@@ -107,6 +110,18 @@ class MatchingModel(nn.Module):
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         """``tokens [B, L]`` long ids (0-padded), ``lengths [B]`` long -> :class:`Encoded`."""
         raise NotImplementedError
+
+    def images_from_regions(self, regions: Tensor, lengths: Tensor) -> Encoded:
+        """The similarity's per-image part: region embeddings as the image encoder outputs them
+        (``[n, K, d]``, zero beyond ``lengths [n]``) -> the :class:`Encoded` :meth:`similarity`
+        reads. ``encode_images`` is the image encoder followed by this; scoring features you hold
+        (:func:`itmkit.similarity.scoring.score_sets`) starts here. Default: the sets as they are."""
+        return Encoded(regions, lengths.to(regions.device))
+
+    def captions_from_words(self, words: Tensor, lengths: Tensor) -> Encoded:
+        """The similarity's per-caption part: word embeddings as the text encoder outputs them
+        (``[n, L, d]``, ``lengths [n]``) -> the :class:`Encoded` :meth:`similarity` reads."""
+        return Encoded(words, lengths.to(words.device))
 
     def score_block(self, images: Encoded, captions: Encoded) -> Tensor:
         """Pairwise methods: ``[n_img_block, n_cap_block]`` scores for every combination.
