@@ -1,7 +1,8 @@
 """itmkit: a course and reproduction kit for fine-grained image-text matching.
 
-The package is a straight line (see docs/DESIGN.md):
-``data`` -> ``models`` -> ``similarity`` -> ``losses`` -> ``train`` -> ``evaluate`` -> ``course``/``plots``.
+The package is a straight line of imports (see docs/DESIGN.md): ``data`` -> ``models`` ->
+``similarity`` -> ``losses`` -> ``methods`` -> ``evaluate`` -> ``train`` -> ``runs`` -> ``figures``
+-> ``course`` / ``cli``.
 Methods live one per file in ``itmkit.methods`` and join through ``itmkit.methods.registry``.
 """
 
