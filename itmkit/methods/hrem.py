@@ -650,7 +650,14 @@ def convert_checkpoint(
     from the tensors, the options (``nhead``, ``residual_weight``, ``dataset``, the recipe) from
     ``opt``. ``hf_path``: local folder of the BERT it was trained with (``bert-base-uncased``).
     """
-    from itmkit.checkpoints import BERT_POSITION_IDS, open_reference_checkpoint, opt_value, rename_keys, strip_prefix
+    from itmkit.checkpoints import (
+        BERT_POSITION_IDS,
+        apply_reference_recipe,
+        open_reference_checkpoint,
+        opt_value,
+        rename_keys,
+        strip_prefix,
+    )
 
     name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model")
@@ -704,17 +711,13 @@ def convert_checkpoint(
         triplet_cutoff=TRIPLET_CUTOFF[dataset],
     )
     run_cfg.text.hf_path = None if hf_path is None else str(hf_path)
-    train = run_cfg.train
-    for ours, (theirs, cast) in {"lr": ("learning_rate", float), "epochs": ("num_epochs", int),
-                                 "batch_size": ("batch_size", int), "margin": ("margin", float),
-                                 "grad_clip": ("grad_clip", float), "lr_decay_factor": ("decay_rate", float),
-                                 "sum_warmup_epochs": ("vse_mean_warmup_epochs", int)}.items():  # fmt: skip
-        value = opt_value(opt, theirs)
-        if value is not None:
-            setattr(train, ours, cast(value))
-    schedule = opt_value(opt, "lr_schedules")
+    recipe = {"lr": ("learning_rate", float), "epochs": ("num_epochs", int), "batch_size": ("batch_size", int),
+              "margin": ("margin", float), "grad_clip": ("grad_clip", float), "lr_decay_factor": ("decay_rate", float),
+              "sum_warmup_epochs": ("vse_mean_warmup_epochs", int)}  # fmt: skip
+    apply_reference_recipe(run_cfg.train, opt, recipe)
+    schedule = opt_value(opt, "lr_schedules")  # HREM decays at several epochs (VSE∞'s lr_update is one)
     if schedule is not None:
-        train.lr_decay_epochs = tuple(int(e) for e in schedule)
+        run_cfg.train.lr_decay_epochs = tuple(int(e) for e in schedule)
     return run_cfg, state
 
 
