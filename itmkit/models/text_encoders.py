@@ -97,10 +97,13 @@ class HFTextEncoder(nn.Module):
     The transformer sits at ``self.backbone`` so :meth:`MatchingModel.param_groups` trains it at
     ``lr * backbone_lr_scale`` (§B.6). The attention mask is built from ``lengths`` (the reference
     uses ``ids != 0``, the same for 0-padded ids). Output ``[B, L, d]``, zero beyond ``lengths``;
-    ``l2_words`` l2-normalises each token (CHAN/ESL-style token features).
+    ``l2_words`` l2-normalises each token (CHAN/ESL-style token features). ``zero_padding=False``
+    keeps the projections of the transformer's states at padded positions instead (HREM reads
+    them, hrem.md §3.3 step 2, §8.4).
     """
 
-    def __init__(self, path: str | None = None, embed_size: int = 1024, l2_words: bool = False) -> None:
+    def __init__(self, path: str | None = None, embed_size: int = 1024, l2_words: bool = False,
+                 zero_padding: bool = True) -> None:  # fmt: skip
         super().__init__()
         from transformers import AutoModel
 
@@ -110,6 +113,7 @@ class HFTextEncoder(nn.Module):
         self.linear = nn.Linear(hidden, embed_size)
         self.embed_size = embed_size
         self.l2_words = l2_words
+        self.zero_padding = zero_padding
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """``tokens [B, L]`` long word-piece ids, ``lengths [B]`` (incl. ``[CLS]``/``[SEP]``) -> ``[B, L, d]``."""
@@ -121,7 +125,7 @@ class HFTextEncoder(nn.Module):
         out = self.linear(hidden)
         if self.l2_words:
             out = l2norm(out, dim=-1)
-        return zero_padding(out, lengths)
+        return zero_padding(out, lengths) if self.zero_padding else out
 
 
 def build_text_encoder(

@@ -250,7 +250,7 @@ def train(
                    disable=not progress, leave=False)  # fmt: skip
         for batch in bar:
             loss = train_step(model, batch.to(device), optimizer, scaler, tcfg.margin, max_violation,
-                              tcfg.grad_clip, use_amp)  # fmt: skip
+                              tcfg.grad_clip, use_amp, step=state.global_step, epoch=epoch)  # fmt: skip
             state.step_in_epoch += 1
             state.global_step += 1
             state.epoch_loss_sum += loss
@@ -327,14 +327,24 @@ def train(
 
 
 def train_step(model: MatchingModel, batch, optimizer, scaler, margin: float, max_violation: bool,
-               grad_clip: float, use_amp: bool) -> float:
-    """One optimisation step on a batch of ``B`` pairs; returns the loss (summed over the batch, §B.5)."""
+               grad_clip: float, use_amp: bool, step: int = 0, epoch: int = 0) -> float:
+    """One optimisation step on a batch of ``B`` pairs; returns the loss (summed over the batch, §B.5).
+
+    A model with a ``training_loss(images, captions, batch, *, step, epoch, margin, max_violation)``
+    method (HREM: relations among the batch's items) supplies its own loss from the batch's
+    training-mode encodings; ``step`` counts the optimisation steps already taken. Every other
+    model gets the hinge loss on its score matrix.
+    """
     device_type = batch.images.device.type
+    custom_loss = getattr(model, "training_loss", None)
     with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=use_amp):
         images = model.encode_images(batch.images, batch.img_lengths)
         captions = model.encode_captions(batch.tokens, batch.cap_lengths)
-        scores = model.similarity(images, captions)  # [B, B], row = image, column = caption
-    loss = hinge_triplet_loss(scores.float(), margin=margin, max_violation=max_violation)
+        scores = model.similarity(images, captions) if custom_loss is None else None  # [B, B], row = image
+    if custom_loss is not None:
+        loss = custom_loss(images, captions, batch, step=step, epoch=epoch, margin=margin, max_violation=max_violation)
+    else:
+        loss = hinge_triplet_loss(scores.float(), margin=margin, max_violation=max_violation)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip > 0:
