@@ -8,7 +8,7 @@ OUT ?= runs/course
 NOTEBOOKS ?=
 PY := $(VENV)/bin/python
 
-.PHONY: course test venv clean-venv smoke benchmark lab
+.PHONY: course test venv clean-venv smoke benchmark lab assignments
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ course: venv
 LAB_ARGS ?=
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# Classroom assignments (nbgrader): the release versions (solutions stripped) in
+# assignments/release/ and the exercise table of the teacher's guide, docs/teaching.md.
+assignments: venv
+	$(PY) -m itmkit.assignments release
 
 smoke:
 	$(MAKE) course PRESET=smoke OUT=runs/smoke
