@@ -19,3 +19,10 @@ def scan_text_dir() -> Path:
     """Real SCAN caption/vocabulary files (``ITMKIT_SCAN_TEXT``, default ``../shared/data/scan_text``
     beside the repository). May not exist on a user's clone: callers check ``.is_dir()``."""
     return Path(os.environ.get("ITMKIT_SCAN_TEXT", REPO_ROOT.parent / "shared" / "data" / "scan_text"))
+
+
+def method_specs_dir() -> Path:
+    """The method specifications ``*.md`` (``ITMKIT_SPECS``, default ``../shared/methods`` beside the
+    repository), the source text of ``reported_results.csv``. May not exist on a user's clone:
+    callers check ``.is_dir()``."""
+    return Path(os.environ.get("ITMKIT_SPECS", REPO_ROOT.parent / "shared" / "methods"))

@@ -96,3 +96,33 @@ def test_module_entry_point_help():
     assert done.returncode == 0
     for command in ("train", "eval", "ensemble", "methods", "data"):
         assert command in done.stdout
+
+
+def test_testall_is_reported_both_coco_ways_by_default(tmp_path, capsys):
+    """A COCO-like folder: ``train`` with ``data.test_split=testall`` and ``eval --split testall``,
+    neither given a protocol, report the 5-fold 1K setting (5 folds + mean) and the 5K one."""
+    from itmkit.evaluate.metrics import recall_metrics
+
+    data = write_synthetic_precomp(tmp_path / "coco", {"train": 20, "dev": 10, "testall": 20})
+    run = tmp_path / "run"
+    assert main(["train", "--method", "vse_infty", "--preset", "smoke", "--data", str(data), "--out", str(run),
+                 "--set", "data.test_split=testall", *TINY]) == 0  # fmt: skip
+    expected = {"protocol": ["coco-5fold-1k"] * 6 + ["coco-5k"], "fold": ["0", "1", "2", "3", "4", "mean", "all"]}
+    trained = pd.read_csv(run / "test_metrics.csv", dtype={"fold": str})
+    assert {k: trained[k].tolist() for k in expected} == expected
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "testall", "--out", str(tmp_path / "ev"), "--device", "cpu",
+                 "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "coco-5fold-1k" in printed and "coco-5k" in printed
+    table = pd.read_csv(tmp_path / "ev" / "metrics.csv", dtype={"fold": str})
+    assert {k: table[k].tolist() for k in expected} == expected
+    sims = np.load(tmp_path / "ev" / "sims.npy")
+    assert sims.shape == (20, 100)
+    whole = table[table["protocol"] == "coco-5k"].iloc[0]
+    assert whole["rsum"] == pytest.approx(recall_metrics(sims)["rsum"])
+    fold_rsums = [recall_metrics(sims[4 * f:4 * f + 4, 20 * f:20 * f + 20])["rsum"] for f in range(5)]
+    assert table["rsum"].iloc[:5].tolist() == pytest.approx(fold_rsums)
+    assert table["rsum"].iloc[5] == pytest.approx(np.mean(fold_rsums))
+    np.testing.assert_allclose(table["rsum"], trained["rsum"], rtol=1e-6)  # the same best model

@@ -153,3 +153,30 @@ def test_repeated_images_release_is_encoded_once(data, tmp_path):
     b = evaluate_model(model, rep, "test", pipeline, progress=False)
     assert b.sims.shape == (10, 50)
     np.testing.assert_allclose(a.sims, b.sims, rtol=1e-5, atol=1e-6)
+
+
+def _independent_coco_rows(sims):
+    """The two COCO settings of §C.2 computed by slicing by hand: 5 diagonal fold blocks of
+    ``n/5`` images x ``n`` captions averaged, and the whole matrix."""
+    n = sims.shape[0] // 5
+    folds = [recall_metrics(sims[f * n:(f + 1) * n, f * 5 * n:(f + 1) * 5 * n]) for f in range(5)]
+    mean = {k: float(np.mean([fold[k] for fold in folds])) for k in folds[0]}
+    return folds, mean, recall_metrics(sims)
+
+
+def test_testall_defaults_to_coco_5fold_1k_and_5k(tmp_path):
+    root = write_synthetic_precomp(tmp_path / "coco", {"testall": 20, "test": 10})
+    pipeline = WordIdPipeline(Vocabulary.build(PrecompSplit.open(root, "testall").captions, threshold=1))
+    model = MeanModel(vocab_size=pipeline.vocab_size)
+    result = evaluate_model(model, root, "testall", pipeline, out_dir=tmp_path / "ev", progress=False)  # no protocol
+    table = result.metrics
+    assert table["protocol"].tolist() == ["coco-5fold-1k"] * 6 + ["coco-5k"]
+    assert table["fold"].tolist() == ["0", "1", "2", "3", "4", "mean", "all"]
+    assert table["n_images"].tolist() == [4] * 6 + [20]
+    folds, mean, whole = _independent_coco_rows(np.load(tmp_path / "ev" / "sims.npy"))
+    assert mean["rsum"] != pytest.approx(whole["rsum"])  # the two settings differ on this matrix
+    for row, expected in zip(table.itertuples(), [*folds, mean, whole]):
+        assert {k: getattr(row, k) for k in expected} == pytest.approx(expected), (row.protocol, row.fold)
+    assert pd.read_csv(tmp_path / "ev" / "metrics.csv", dtype={"fold": str})["protocol"].tolist() == table["protocol"].tolist()
+    # any other split: the whole matrix once
+    assert evaluate_model(model, root, "test", pipeline, progress=False).metrics["protocol"].tolist() == ["test"]

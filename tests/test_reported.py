@@ -1,5 +1,5 @@
 """Reported numbers as data (itmkit/reported_results.csv): coverage of the nine specs, rsum
-consistency, types, spot checks against the spec text itself, the comparison helper and its plot."""
+consistency, types, every numeric row against the spec text itself, the comparison helper and its plot."""
 
 import math
 import re
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from itmkit.data.errors import DataFormatError
-from itmkit.paths import REPO_ROOT
+from itmkit.paths import method_specs_dir
 from itmkit.reported import (
     COLUMNS,
     RECALL_COLUMNS,
@@ -23,11 +23,7 @@ from itmkit.reported import (
 matplotlib.use("Agg")
 
 NINE = {"vse_infty", "scan", "sgraf", "chan", "esl", "hrem", "lhsc", "cefg", "aahr"}
-SPECS = REPO_ROOT.parent / "shared" / "methods"
-PROTOCOL_NAMES = {
-    "Flickr30K 1K": "f30k-1k", "Flickr30K": "f30k-1k", "COCO 5-fold 1K": "coco-5fold-1k", "COCO 1K": "coco-5fold-1k",
-    "COCO 5K": "coco-5k",
-}  # fmt: skip
+SPECS = method_specs_dir()
 
 
 def test_every_method_has_rows_and_the_registry_methods_are_covered():
@@ -79,73 +75,239 @@ def test_filters_and_errors():
         reported_results("esl", "imagenet")
 
 
-# ------------------------------------------------------------ spot checks against the specs
-def spec_table(name: str, after: str) -> list[list[str]]:
-    """The body rows (cells, bold marks removed) of the first markdown table after ``after``."""
+# ------------------------------------------- every numeric row against its source text
+# The specs quote their numbers in markdown tables of several layouts (one recall per column,
+# "R@1/5/10" cells, "rsum (R@1 i2t / t2i)" cells, one column group per protocol) and, for
+# sgraf.md §6.3, in prose ("f30k SAF 73.5/90.5/95.5 | 53.1/78.7/85.4 (rsum 476.7)"). The parser
+# below turns each into records {protocol, model, text, values}, where the value names carry
+# their direction (i2t / t2i) from the header: a CSV row with the two directions swapped, the
+# wrong protocol or a mistyped number finds no record.
+def parse_protocol(text: str) -> str | None:
+    t = text.lower().replace("ms-coco", "coco").replace(" ", "")
+    if "coco" in t:
+        return "coco-5fold-1k" if "1k" in t else "coco-5k" if "5k" in t else None
+    return "f30k-1k" if "flickr" in t or "f30k" in t else None
+
+
+def parse_text(cell: str) -> str | None:
+    t = cell.lower()
+    return "bigru" if "gru" in t else "bert" if "bert" in t else None
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+(?:\.\d+)?", cell)]
+
+
+def header_columns(header: list[str]) -> list[tuple[str, str | None, list[str]]]:
+    """``(role, protocol or None, value names)`` per column; role ``model``, ``text``,
+    ``protocol`` or ``values``. A direction (i2t / t2i) or protocol named in a header holds for
+    the columns to its right until another is named."""
+    columns, direction, protocol = [], None, None
+    for cell in header:
+        low = cell.lower()
+        if low in ("model", "method"):
+            columns.append(("model", None, []))
+            continue
+        if low == "text":
+            columns.append(("text", None, []))
+            continue
+        if low in ("data", "dataset", "data / protocol"):
+            columns.append(("protocol", None, []))
+            continue
+        protocol = parse_protocol(cell) or protocol
+        direction = "i2t" if "i2t" in low and "t2i" not in low else "t2i" if "t2i" in low and "i2t" not in low else direction
+        ks = re.search(r"r@([0-9/]+)", low)
+        if "rsum" in low:
+            names = ["rsum", "i2t_r1", "t2i_r1"] if ks else ["rsum"]  # "rsum (R@1 i2t / t2i)"
+        else:
+            if direction is None:
+                raise ValueError(f"spec table header {header}: column {cell!r} names no direction")
+            names = [f"{direction}_r{k}" for k in (ks.group(1).split("/") if ks else ("1", "5", "10"))]
+        columns.append(("values", protocol, names))
+    return columns
+
+
+def table_records(lines: list[str], context: str | None, where: str) -> list[dict]:
+    """Records of one markdown table (``lines``: header, separator, body); ``context`` is the line
+    above the table (scan.md names the protocol there)."""
+    split = lambda line: [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]  # noqa: E731
+    columns = header_columns(split(lines[0]))
+    records = []
+    for n, line in enumerate(lines[2:], start=3):
+        cells = split(line)
+        if len(cells) != len(columns):
+            raise ValueError(f"{where}: table line {n} has {len(cells)} cells for {len(columns)} columns: {line}")
+        base = {"model": None, "text": None, "protocol": parse_protocol(context or "")}
+        by_protocol: dict[str | None, dict[str, float]] = {}
+        for (role, protocol, names), cell in zip(columns, cells):
+            if role == "model":
+                base["model"] = cell
+            elif role == "text":
+                base["text"] = parse_text(cell)
+            elif role == "protocol":
+                base["protocol"] = parse_protocol(cell)
+            else:
+                found = numbers(cell)
+                if found and len(found) != len(names):
+                    raise ValueError(f"{where}: cell {cell!r} holds {len(found)} numbers for {names}")
+                by_protocol.setdefault(protocol, {}).update(zip(names, found))
+        for protocol, values in by_protocol.items():
+            records.append({**base, "protocol": protocol or base["protocol"], "values": values,
+                            "where": f"{where}, table line {n}"})  # fmt: skip
+    return records
+
+
+PROSE_ROW = re.compile(
+    r"(?:(?P<protocol>f30k|COCO 1K|COCO 5K)\s+)?(?P<model>[A-Za-z][\w+*-]*)\s+"
+    r"(?P<i2t>\d+\.\d/\d+\.\d/\d+\.\d)\s*\|\s*(?P<t2i>\d+\.\d/\d+\.\d/\d+\.\d)(?:\s*\((?:rsum\s+)?(?P<rsum>\d+\.\d)\))?"
+)
+
+
+def prose_records(text: str, where: str) -> list[dict]:
+    """Rows written as ``[protocol] MODEL i2t1/5/10 | t2i1/5/10 [(rsum X)]``; the protocol holds
+    until another is named."""
+    records, protocol = [], None
+    for match in PROSE_ROW.finditer(text):
+        protocol = parse_protocol(match["protocol"]) if match["protocol"] else protocol
+        values = dict(zip(["i2t_r1", "i2t_r5", "i2t_r10"], numbers(match["i2t"])))
+        values.update(zip(["t2i_r1", "t2i_r5", "t2i_r10"], numbers(match["t2i"])))
+        if match["rsum"]:
+            values["rsum"] = float(match["rsum"])
+        records.append({"model": match["model"], "text": None, "protocol": protocol, "values": values,
+                        "where": f"{where}, prose {match.group(0)!r}"})  # fmt: skip
+    return records
+
+
+def section_lines(text: str, number: str, where: str) -> list[str]:
+    """The lines of section ``number`` (``"6"``, ``"6.2"``, ``"E"``) up to the next heading of
+    the same or a higher level."""
+    lines = text.splitlines()
+    heading = re.compile(r"^(#+)\s+([0-9A-Z]+(?:\.[0-9]+)*)\.?\s")
+    for start, line in enumerate(lines):
+        m = heading.match(line)
+        if m and m.group(2) == number:
+            level = len(m.group(1))
+            end = next((j for j in range(start + 1, len(lines))
+                        if (h := heading.match(lines[j]) or re.match(r"^(#+)\s", lines[j])) and len(h.group(1)) <= level),
+                       len(lines))  # fmt: skip
+            return lines[start:end]
+    raise ValueError(f"{where}: no section {number}")
+
+
+SPEC_OWNERS = {"baselines.md": "vse_infty"}  # the method a spec file is about (else its stem)
+
+
+def spec_records(spec: str) -> list[dict]:
+    """Every record quoted in ``spec`` (``"sgraf.md §6.2"``)."""
+    name, number = spec.split(" §")
     path = SPECS / name
     if not path.is_file():
-        pytest.skip(f"method specs not present at {SPECS}")
-    text = path.read_text(encoding="utf-8")
-    start = text.index(after)
-    rows, started = [], False
-    for line in text[start:].splitlines()[1:]:
-        if line.startswith("|"):
-            started = True
-            cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
-            if not set("".join(cells)) <= set("-: "):
-                rows.append(cells)
-        elif started:
-            break
-    return rows[1:]  # drop the header
+        pytest.skip(f"method specs not present at {SPECS} (set ITMKIT_SPECS)")
+    lines = section_lines(path.read_text(encoding="utf-8"), number, spec)
+    records, prose, i = [], [], 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            context = lines[i - 1] if i > 0 and not lines[i - 1].startswith("#") else None
+            records += table_records(lines[i:j], context, spec)
+            i = j
+        else:
+            prose.append(lines[i])
+            i += 1
+    records += prose_records(" ".join(prose), spec)
+    owner = SPEC_OWNERS.get(name, name.removesuffix(".md"))
+    return [{**r, "owner": owner} for r in records]
 
 
-def number(cell: str) -> float:
-    return float(re.match(r"[0-9.]+", cell).group(0))
+def model_key(name: str) -> str:
+    return re.sub(r"[^0-9a-zλ+*-]", "", re.sub(r"\(ens\.\)|ensemble", "", name.lower()))
 
 
-def csv_row(method, model, protocol, source, text=None):
-    frame = reported_results(method, protocol=protocol, source=source, text=text)
-    frame = frame[frame["model"] == model]
-    assert len(frame) == 1, (method, model, protocol, source, frame)
-    return frame.iloc[0]
+def model_matches(csv_model: str, spec_model: str) -> bool:
+    """The spec's row name is the CSV's, up to punctuation and an "ensemble" tag, or the CSV's
+    parenthesised alias ("VSE∞ (GPO)" is row "GPO" of a comparison table)."""
+    aliases = {model_key(csv_model)} | {model_key(a) for a in re.findall(r"\(([^)]*)\)", csv_model)}
+    return model_key(spec_model) in aliases
 
 
-def test_esl_rows_equal_the_spec_table():
-    rows = spec_table("esl.md", "## 6. Reported results")
-    assert len(rows) == 6
-    for data, model, *values in rows:
-        row = csv_row("esl", model, PROTOCOL_NAMES[data], "readme")
-        assert [row[c] for c in RECALL_COLUMNS + ["rsum"]] == [number(v) for v in values]
+def unmatched_rows(frame: pd.DataFrame) -> list[str]:
+    problems = []
+    cache: dict[str, list[dict]] = {}
+    for _, row in frame.iterrows():
+        given = {c: float(row[c]) for c in [*RECALL_COLUMNS, "rsum"] if not math.isnan(row[c])}
+        if not given:
+            continue
+        records = cache.setdefault(row["spec"], spec_records(row["spec"]))
+        # a table without a model column speaks of the spec's own method
+        candidates = [r for r in records if r["protocol"] == row["protocol"] and r["text"] in (None, row["text"])
+                      and (model_matches(row["model"], r["model"]) if r["model"] else row["method"] == r["owner"])]  # fmt: skip
+        found = [r for r in candidates if r["values"] == given]
+        if not found:
+            problems.append(f"{row['label']} [{row['protocol']}, {row['text']}, {row['spec']}]: {given}; "
+                            f"spec has {[(r['values'], r['where']) for r in candidates]}")  # fmt: skip
+        elif re.search(r"ensemble|\(ens\.\)|\*", f"{found[0]['model']} {row['model']}") and row["ensemble"] != "ensemble":
+            problems.append(f"{row['label']}: the spec's row is an ensemble ({found[0]['where']}), "
+                            f"the CSV says {row['ensemble']!r}")  # fmt: skip
+    return problems
 
 
-def test_sgraf_readme_and_aahr_rows_equal_the_spec_tables():
-    rows = spec_table("sgraf.md", "### 6.2 README")
-    assert len(rows) == 9
-    for data, model, *values in rows:
-        row = csv_row("sgraf", model, PROTOCOL_NAMES[data], "readme")
-        assert [row[c] for c in RECALL_COLUMNS + ["rsum"]] == [number(v) for v in values]
-    rows = spec_table("aahr.md", "## 6. Reported results")
-    assert len(rows) == 3
-    for data, *values in rows:
-        row = csv_row("aahr", "AAHR", PROTOCOL_NAMES[data], "readme")
-        assert [row[c] for c in RECALL_COLUMNS + ["rsum"]] == [number(v) for v in values]
+def test_spec_parser_on_a_hand_written_section():
+    text = """## 6. Reported results
+Flickr30K 1K test
+| model | i2t R@1 | R@5 | t2i R@1 | R@5 | rsum |
+| --- | --- | --- | --- | --- | --- |
+| **A** (ens.) | 1.0 | 2.0 | 3.0 | 4.0 | 10.0 |
+| method | F30K i2t R@1/5/10 | F30K t2i R@1/5/10 | rSum | COCO5K i2t | COCO5K t2i | rSum |
+| --- | --- | --- | --- | --- | --- | --- |
+| B | 1.0/2.0/3.0 | 4.0/5.0/6.0 | 21.0 | 7.0/8.0/9.0 | – | 24.0 |
+| model | coco 1K rsum (R@1 i2t / t2i) |
+| --- | --- |
+| C | 50.5 (30.0 / 20.5) |
+COCO 1K D 1.1/2.2/3.3 | 4.4/5.5/6.6 (rsum 23.1); E 9.0/9.1/9.2 | 8.0/8.1/8.2.
+## 7. Next
+| model | i2t R@1 |
+| --- | --- |
+| F | 99.0 |
+"""
+    lines = section_lines(text, "6", "t.md §6")
+    tables = [i for i, line in enumerate(lines) if line.startswith("| model") or line.startswith("| method")]
+    a = table_records(lines[tables[0]:tables[0] + 3], lines[tables[0] - 1], "t")
+    assert a == [{"model": "A (ens.)", "text": None, "protocol": "f30k-1k", "where": "t, table line 3",
+                  "values": {"i2t_r1": 1.0, "i2t_r5": 2.0, "t2i_r1": 3.0, "t2i_r5": 4.0, "rsum": 10.0}}]  # fmt: skip
+    b = table_records(lines[tables[1]:tables[1] + 3], None, "t")
+    assert [(r["protocol"], r["values"]) for r in b] == [
+        ("f30k-1k", {"i2t_r1": 1.0, "i2t_r5": 2.0, "i2t_r10": 3.0, "t2i_r1": 4.0, "t2i_r5": 5.0, "t2i_r10": 6.0,
+                     "rsum": 21.0}),
+        ("coco-5k", {"i2t_r1": 7.0, "i2t_r5": 8.0, "i2t_r10": 9.0, "rsum": 24.0}),  # "–": not given
+    ]  # fmt: skip
+    c = table_records(lines[tables[2]:tables[2] + 3], None, "t")
+    assert (c[0]["protocol"], c[0]["values"]) == ("coco-5fold-1k", {"rsum": 50.5, "i2t_r1": 30.0, "t2i_r1": 20.5})
+    prose = prose_records(" ".join(lines), "t")
+    assert [(r["model"], r["protocol"], r["values"]["i2t_r10"], r["values"]["t2i_r1"], r["values"].get("rsum"))
+            for r in prose] == [("D", "coco-5fold-1k", 3.3, 4.4, 23.1), ("E", "coco-5fold-1k", 9.2, 8.0, None)]  # fmt: skip
+    assert not any("99.0" in line for line in lines)  # section 7 is not part of section 6
+    assert model_matches("A", "A (ens.)") and model_matches("VSE∞ (GPO)", "GPO") and not model_matches("B", "A")
 
 
-def test_scan_vse_and_cefg_spot_checks():
-    f30k = {r[0]: r[1:] for r in spec_table("scan.md", "Flickr30K 1K test")}
-    row = csv_row("scan", "t-i AVG (λ1 9)", "f30k-1k", "paper")
-    assert [row[c] for c in RECALL_COLUMNS + ["rsum"]] == [number(v) for v in f30k["t-i AVG (λ1 9)"]]
-    ensemble = csv_row("scan", "t-i AVG + i-t LSE", "f30k-1k", "paper")
-    assert ensemble["ensemble"] == "ensemble" and ensemble["rsum"] == number(f30k["ensemble t-i AVG + i-t LSE"][-1])
+def test_every_numeric_row_is_found_in_its_spec_section():
+    frame = reported_results()
+    numeric = frame[frame[[*RECALL_COLUMNS, "rsum"]].notna().any(axis=1)]
+    assert len(numeric) == len(frame) - 1  # all but the LHSC placeholder
+    problems = unmatched_rows(numeric)
+    assert not problems, "\n".join(problems)
 
-    vse = {(r[0], r[1]): r[2:] for r in spec_table("baselines.md", "## E. Reported results")}
-    row = csv_row("vse_infty", "VSE∞", "coco-5fold-1k", "readme", text="bert")
-    assert [row[c] for c in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")] == [number(v) for v in vse[("COCO 5-fold 1K", "BERT-base")]]
-    assert math.isnan(row["i2t_r10"]) and math.isnan(row["rsum"])  # not in the README: left empty
 
-    cefg = {(r[0], r[1]): r[2:] for r in spec_table("cefg.md", "## 6. Reported results")}
-    row = csv_row("cefg", "CEFG", "coco-5fold-1k", "readme", text="bigru")
-    assert [row[c] for c in RECALL_COLUMNS + ["rsum"]] == [number(v) for v in cefg[("COCO 5-fold 1K", "Bi-GRU")]]
+def test_a_direction_swap_or_a_protocol_slip_is_not_found():
+    frame = reported_results("esl", "coco", protocol="coco-5k")
+    assert unmatched_rows(frame) == []
+    swapped = frame.copy()
+    for k in (1, 5, 10):
+        swapped[f"i2t_r{k}"], swapped[f"t2i_r{k}"] = frame[f"t2i_r{k}"], frame[f"i2t_r{k}"]
+    assert len(unmatched_rows(swapped)) == len(frame)
+    slipped = frame.assign(protocol="coco-5fold-1k")
+    assert len(unmatched_rows(slipped)) == len(frame)
 
 
 # ----------------------------------------------------------------------- file and helpers

@@ -130,16 +130,37 @@ def test_run_directory_contents_and_no_retrain(toy_method, data_dir, tmp_path):
     assert again.test_metrics["rsum"].iloc[0] == pytest.approx(test["rsum"].iloc[0])
 
 
+def _chance_rsum_quantile(n_img, q=99, draws=2000, seed=0):
+    """The ``q``-th percentile of the rsum of random ``[n_img, 5 n_img]`` score matrices: what an
+    untrained ranker reaches by luck, measured with the same metric code as the dev evaluation."""
+    from itmkit.evaluate.metrics import recall_metrics
+
+    rng = np.random.default_rng(seed)
+    sums = [recall_metrics(rng.standard_normal((n_img, 5 * n_img)))["rsum"] for _ in range(draws)]
+    return float(np.percentile(sums, q))
+
+
 def test_learns_above_chance(toy_method, data_dir, tmp_path):
+    """Learning = beating the same model, seed and steps at lr 0, and beating luck: the loss of the
+    last epoch (same hardest-negative mode in both runs) and the dev rsum."""
     from itmkit.losses import ScoreCollapseWarning
 
-    cfg = toy_config(data_dir, **{"train.epochs": 4, "train.lr_decay_epochs": (3,)})
+    overrides = {"train.epochs": 4, "train.lr_decay_epochs": (3,)}
     with warnings.catch_warnings():
         warnings.simplefilter("error", ScoreCollapseWarning)  # a model that learns never trips it
-        result = train(cfg, tmp_path / "run", progress=False)
-    # chance rsum for 12 dev images x 60 captions: i2t ~ 3 x (k*5/60 ...); far below 300
-    assert result.best_rsum > 300
-    assert result.log["loss"].iloc[-1] < result.log["loss"].iloc[0]
+        result = train(toy_config(data_dir, **overrides), tmp_path / "run", progress=False)
+    frozen = train(toy_config(data_dir, **overrides, **{"train.lr": 0.0}), tmp_path / "frozen", progress=False)
+    # lr 0 leaves the weights as built: every epoch evaluates the same model
+    assert frozen.log["rsum"].nunique() == 1
+    assert result.log["max_violation"].tolist() == frozen.log["max_violation"].tolist() == [False, True, True, True]
+
+    chance = _chance_rsum_quantile(n_img=12)  # 12 dev images x 60 captions: about 327
+    assert 300 < chance < 360
+    assert result.best_rsum > chance, f"dev rsum {result.best_rsum:.1f} is within luck (99th percentile {chance:.1f})"
+    assert result.best_rsum > frozen.best_rsum + 100, (result.best_rsum, frozen.best_rsum)
+    # same epoch, same loss mode: training must at least halve the untrained model's loss
+    last, untrained = result.log["loss"].iloc[-1], frozen.log["loss"].iloc[-1]
+    assert last < 0.5 * untrained, f"last-epoch loss {last:.2f} vs {untrained:.2f} at lr 0"
 
 
 def test_trainer_warns_when_the_scores_collapse(toy_method, data_dir, tmp_path, monkeypatch):
@@ -235,3 +256,111 @@ def test_checkpoint_is_plain_data_with_everything_for_resume(toy_method, data_di
     with pytest.raises(ValueError, match="field 'format'"):
         torch.save({"model": {}}, tmp_path / "foreign.pt")
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+# ------------------------------------------------------ the optimiser recipe reaches the steps
+class _TextWithBackbone(nn.Module):
+    """A stand-in for an HF text encoder: the pretrained part sits at ``text.backbone``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.backbone = nn.Linear(d, d)
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.linear(self.backbone(x))
+
+
+class BackboneToyModel(ToyModel):
+    def __init__(self, cfg: ToyConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        self.text = _TextWithBackbone(cfg.embed_size)
+
+
+@pytest.fixture
+def built_models(monkeypatch):
+    """Registers method ``toy_bb`` (the toy with a text backbone) and returns the list of models
+    the trainer builds, so a test can look at the model inside a running ``train``."""
+    models = []
+
+    def build(run_cfg, vocab_size):
+        models.append(BackboneToyModel(run_cfg.model, vocab_size))
+        return models[-1]
+
+    module = types.ModuleType("itmkit_test_toy_bb_method")
+    module.METHOD = MethodSpec("toy_bb", ToyConfig, build, {"smoke": toy_preset}, spec="tests")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(registry.METHOD_MODULES, "toy_bb", module.__name__)
+    return models
+
+
+def _grad_norm(model):
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+
+
+def test_gradient_clipping_bounds_every_step_to_the_configured_norm(built_models, data_dir, tmp_path):
+    norms = {}
+    for clip in (0.05, 0.0):  # 0 turns clipping off: shows the bound is the clip's doing
+        cfg = toy_config(data_dir, **{"method": "toy_bb", "train.epochs": 1, "train.grad_clip": clip})
+        seen = norms[clip] = []
+        train(cfg, tmp_path / f"clip{clip}", progress=False, max_steps=5,
+              on_step=lambda state, seen=seen: seen.append(_grad_norm(built_models[-1])))  # fmt: skip
+    assert len(norms[0.05]) == len(norms[0.0]) == 5
+    assert min(norms[0.0]) > 0.05, norms[0.0]  # unclipped gradients are larger than the bound...
+    # ...and clipped ones are rescaled onto it (clip_grad_norm_ scales by max_norm / (norm + 1e-6))
+    assert norms[0.05] == pytest.approx([0.05] * 5, rel=1e-4), norms[0.05]
+
+
+def test_optimizer_kind_weight_decay_and_group_lrs_by_hand():
+    """One step with zero loss gradients isolates the weight decay: AdamW shrinks each weight by
+    ``lr_g * wd`` (decoupled), Adam adds ``wd * p`` to the gradient, so its first normalised step
+    is ``lr_g * g / (|g| + eps)`` with ``g = wd * p``. ``lr_g`` is the group's LR (backbone: x scale)."""
+    from itmkit.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = BackboneToyModel(ToyConfig(), vocab_size=10)
+    lr, wd, scale, eps = 0.01, 0.1, 0.5, 1e-8
+    for kind, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        optimizer = build_optimizer(model, TrainConfig(optimizer=kind, lr=lr, weight_decay=wd, backbone_lr_scale=scale))
+        assert type(optimizer) is cls  # AdamW subclasses Adam: isinstance would not tell them apart
+        assert [g["lr"] for g in optimizer.param_groups] == [lr, lr * scale]
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [wd, wd]
+        backbone = {id(p) for p in model.text.backbone.parameters()}
+        assert {id(p) for p in optimizer.param_groups[1]["params"]} == backbone
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for name, p in model.named_parameters():
+            p0, group_lr = before[name], lr * scale if ".backbone." in f".{name}" else lr
+            if kind == "adamw":
+                expected = p0 * (1 - group_lr * wd)
+            else:
+                g = wd * p0
+                expected = p0 - group_lr * g / (g.abs() + eps)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=f"{kind}: {name}")
+            with torch.no_grad():
+                p.copy_(p0)
+
+
+def test_backbone_lr_decays_with_the_other_groups(built_models, data_dir, tmp_path):
+    from itmkit.train.optim import build_optimizer, build_scheduler
+
+    model = BackboneToyModel(ToyConfig(), vocab_size=10)
+    cfg = TrainConfig(lr=0.02, backbone_lr_scale=0.1, lr_decay_epochs=(2, 4), lr_decay_factor=0.5)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    seen = []
+    for _ in range(6):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    expected = [[0.02 * f, 0.002 * f] for f in (1, 1, 0.5, 0.5, 0.25, 0.25)]
+    assert np.allclose(seen, expected), seen
+
+    # the trainer's own optimiser, as checkpointed after epoch 2 (decay at epoch 1: x 0.1)
+    train(toy_config(data_dir, **{"method": "toy_bb", "train.backbone_lr_scale": 0.1}), tmp_path / "run",
+          progress=False)  # fmt: skip
+    groups = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([5e-4, 5e-5])
+    assert [g["initial_lr"] for g in groups] == pytest.approx([5e-3, 5e-4])
