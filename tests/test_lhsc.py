@@ -316,17 +316,21 @@ def test_engine_matrix_equals_the_per_pair_loop_fp32(padding):
                 assert abs(float(full[i, j]) - float(ref_score(model.sim, regions, words))) < 1e-5, (i, j)
 
 
-def test_caption_padding_changes_reference_scores_but_not_masked_ones():
+def test_a_longer_batch_mate_changes_reference_scores_but_not_masked_ones():
     images, img_len, tokens, lengths = make_inputs()
-    wider = torch.cat([tokens, torch.zeros(len(tokens), 3, dtype=torch.long)], 1)  # 3 more pad columns
+    longer = torch.randint(4, VOCAB, (1, 10), generator=torch.Generator().manual_seed(9))
+    batch = torch.cat([torch.cat([tokens, torch.zeros(len(tokens), 3, dtype=torch.long)], 1), longer])
+    batch_lengths = torch.cat([lengths, torch.tensor([10])])
+    wider = torch.cat([tokens, torch.zeros(len(tokens), 3, dtype=torch.long)], 1)  # all-pad columns
     changes = {}
     for padding in ("reference", "masked"):
         model = make_model(word_padding=padding)
         with torch.no_grad():
             img = model.encode_images(images, img_len)
-            narrow = model.score_block(img, model.encode_captions(tokens, lengths))
-            wide = model.score_block(img, model.encode_captions(wider, lengths))
-        changes[padding] = float((narrow - wide).abs().max())
+            alone = model.score_block(img, model.encode_captions(tokens, lengths))
+            mates = model.score_block(img, model.encode_captions(batch, batch_lengths))[:, : len(tokens)]
+            assert torch.allclose(model.score_block(img, model.encode_captions(wider, lengths)), alone, atol=1e-12)
+        changes[padding] = float((alone - mates).abs().max())
         assert model.batch_dependent_captions == (padding == "reference")
     assert changes["masked"] < 1e-12
     assert changes["reference"] > 1e-6  # lhsc.md §8.2: the encoding depends on the batch's padding

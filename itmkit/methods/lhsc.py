@@ -124,8 +124,14 @@ class LHSC(sgraf.SGRAF):
         return encoded
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Encoded:
-        """``tokens [B, L]``, ``lengths [B]`` -> words ``[B, L, d]`` with ``extras["global"] [B, d]``
-        and ``extras["tokens"] [B, L, 1]``."""
+        """``tokens [B, L]``, ``lengths [B]`` -> words ``[B, L', d]`` with ``extras["global"] [B, d]``
+        and ``extras["tokens"] [B, L', 1]``, ``L' = max(lengths)``.
+
+        Columns beyond the longest caption are dropped first: the reference pads every batch to
+        its longest caption, and with ``word_padding="reference"`` the padded length changes the
+        encoding (§3.2), so extra all-pad columns must not count."""
+        if lengths.numel():
+            tokens = tokens[:, : int(lengths.max())]
         encoded = super().encode_captions(tokens, lengths)
         encoded.extras["tokens"] = tokens.to(encoded.feats.device)[..., None]
         return encoded
