@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from test_sgraf import ref_score  # SGRAF-SAF's per-pair reference: LHSC's head is SAF unchanged
+from test_sgraf import reference_checkpoint as sgraf_reference_checkpoint  # SGRAF's §7 layout
 
 from itmkit.config import TextConfig
 from itmkit.encoded import Encoded
@@ -366,24 +367,6 @@ def test_gradients_reach_the_pad_embedding_only_in_reference_mode():
         assert model.image.graph.blocks[3].bn.weight.grad.abs().sum() > 0
 
 
-def test_train_step_reduces_loss_on_a_fixed_batch():
-    from itmkit.losses import hinge_triplet_loss
-
-    model = make_model().float().train()
-    images, img_len, tokens, lengths = make_inputs(n_img=6)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        torch.manual_seed(0)
-        scores = model.similarity(model.encode_images(images.float(), img_len), model.encode_captions(tokens, lengths))
-        loss = hinge_triplet_loss(scores, 0.2, max_violation=False)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-
-
 def test_zero_blocks_give_back_sgraf_saf():
     from itmkit.methods.sgraf import SGRAF, SGRAFConfig
 
@@ -522,24 +505,21 @@ def test_presets_follow_the_recipes():
 # ----------------------------------------------------------------------------------------------
 # checkpoint import (§7)
 # ----------------------------------------------------------------------------------------------
-def reference_checkpoint(images, d=D, s=S, regions=R, img_dim=IMG_DIM, word_dim=E, vocab=VOCAB, seed=0,
-                         batches_tracked=True):  # fmt: skip
+def reference_checkpoint(images, seed=0, batches_tracked=True):
     """A released-checkpoint-shaped dict with the key names and shapes of lhsc.md §7 (written out
-    by hand, not taken from itmkit's model), random values. The IM_GCN BatchNorms get the
-    running statistics of ``images`` passed through the reference's conv layout (§8.6)."""
-    g = torch.Generator().manual_seed(seed)
+    by hand, not taken from itmkit's model), random float64 values: SGRAF-SAF's layout from
+    ``tests/test_sgraf.py`` (``fc``, embedding, ``cap_rnn``, ``sim_enc`` with the SAF head renamed
+    ``cal_sim_base_atten``) plus the ``IM_GCN_k`` and ``W_att{k}`` blocks. The IM_GCN BatchNorms
+    get the running statistics of ``images`` passed through the reference's conv layout (§8.6)."""
+    g = torch.Generator().manual_seed(seed + 50)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
 
-    def bn(prefix, size):
-        out = {f"{prefix}.weight": 1 + rnd(size), f"{prefix}.bias": rnd(size), f"{prefix}.running_mean": rnd(size),
-               f"{prefix}.running_var": 0.5 + torch.rand(size, generator=g, dtype=torch.float64)}  # fmt: skip
-        if batches_tracked:
-            out[f"{prefix}.num_batches_tracked"] = torch.tensor(777, dtype=torch.int64)
-        return out
-
-    img = {"fc.weight": rnd(d, img_dim), "fc.bias": rnd(d)}
+    base = sgraf_reference_checkpoint("SAF", word_dim=E, seed=seed)
+    img, txt, sim = ({k: v.double() if v.is_floating_point() else v for k, v in part.items()} for part in base["model"])
+    sim = {k.replace("SAF_module.", "cal_sim_base_atten."): v for k, v in sim.items()}
+    d = D
     for k in range(1, 5):
         p = f"IM_GCN_{k}."
         img[p + "g.weight"], img[p + "g.bias"] = rnd(d, d, 1), rnd(d)
@@ -548,33 +528,18 @@ def reference_checkpoint(images, d=D, s=S, regions=R, img_dim=IMG_DIM, word_dim=
         for name in ("fc1", "fc2"):
             img[p + name + ".weight"], img[p + name + ".bias"] = rnd(d, d), rnd(d)
         img[p + "W.0.weight"], img[p + "W.0.bias"] = rnd(d, d, 1), rnd(d)
-        img.update(bn(p + "W.1", d))
-        img[p + "W.1.weight"] = img[p + "W.1.weight"] * 0.3
+        img[p + "W.1.weight"], img[p + "W.1.bias"] = 0.3 * (1 + rnd(d)), rnd(d)
+        img[p + "W.1.running_mean"], img[p + "W.1.running_var"] = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+        img[p + "W.1.num_batches_tracked"] = torch.tensor(777, dtype=torch.int64)
     calibrate_reference_image_bn(img, images)
-    txt = {"embed.weight": rnd(vocab, word_dim)}
     for k in range(1, 5):
         for part in ("embedding_local", "embedding_global", "embedding_v"):
-            txt[f"W_att{k}.{part}.0.weight"], txt[f"W_att{k}.{part}.0.bias"] = rnd(word_dim, word_dim), rnd(word_dim)
-    for suffix in ("", "_reverse"):
-        txt[f"cap_rnn.weight_ih_l0{suffix}"] = rnd(3 * d, word_dim)
-        txt[f"cap_rnn.weight_hh_l0{suffix}"] = rnd(3 * d, d)
-        txt[f"cap_rnn.bias_ih_l0{suffix}"] = rnd(3 * d)
-        txt[f"cap_rnn.bias_hh_l0{suffix}"] = rnd(3 * d)
-    sim = {}
-    for side in ("v_global_w", "t_global_w"):
-        for part in ("embedding_local", "embedding_global"):
-            sim[f"{side}.{part}.0.weight"], sim[f"{side}.{part}.0.bias"] = rnd(d, d), rnd(d)
-        sim[f"{side}.embedding_common.0.weight"], sim[f"{side}.embedding_common.0.bias"] = rnd(1, d), rnd(1)
-    sim.update(bn("v_global_w.embedding_local.1", regions))
-    sim.update(bn("v_global_w.embedding_global.1", d))
-    for name in ("sim_tranloc_w", "sim_tranglo_w"):
-        sim[f"{name}.weight"], sim[f"{name}.bias"] = rnd(s, d), rnd(s)
-    sim["sim_eval_w.weight"], sim["sim_eval_w.bias"] = rnd(1, s), rnd(1)
-    sim["cal_sim_base_atten.attn_sim_w.weight"], sim["cal_sim_base_atten.attn_sim_w.bias"] = rnd(1, s), rnd(1)
-    sim.update(bn("cal_sim_base_atten.bn", 1))
+            txt[f"W_att{k}.{part}.0.weight"], txt[f"W_att{k}.{part}.0.bias"] = rnd(E, E), rnd(E)
+    if not batches_tracked:  # a PyTorch 0.4.0 file
+        img, txt, sim = ({k: v for k, v in part.items() if not k.endswith("num_batches_tracked")} for part in (img, txt, sim))
     opt = argparse.Namespace(
         data_name="f30k_precomp", data_path="/Data1/zengsheng/data", vocab_path="./vocab/", embed_size=d,
-        sim_dim=s, img_dim=img_dim, word_dim=word_dim, vocab_size=vocab, num_layers=1, bi_gru=True,
+        sim_dim=S, img_dim=IMG_DIM, word_dim=E, vocab_size=VOCAB, num_layers=1, bi_gru=True,
         max_violation=True, drop_out=0.0, num_epochs=50, lr_update=20, learning_rate=2e-4, batch_size=128,
         margin=0.2, grad_clip=2.0, no_imgnorm=False, no_txtnorm=False, device="1",
     )  # fmt: skip
