@@ -8,7 +8,9 @@ unit vectors. In one run, on the same inputs, it times
     all images, materialising the ``[n_img, L, d]`` attended vectors; fp32), and
 (b) :func:`itmkit.similarity.engine.pairwise_similarity` on the full matrix,
 
-for SCAN t2i (and i2t) and SGRAF's two models SGR and SAF, and prints times, ratio, peak memory of
+for SCAN t2i (and i2t), SGRAF's two models SGR and SAF, and LHSC (whose row includes its
+encoders: raw 2048-d features and word ids in, see :func:`reference_loop_lhsc`), and prints
+times, ratio, peak memory of
 each, the max abs difference, and the arithmetic: FLOPs of the loop and of the engine, the
 machine's measured GEMM rate, and the fastest the engine's arithmetic could possibly run at that
 rate (``floor s``) with the speed-up that would give (``bound``). The full SCAN loop takes ~11 min
@@ -19,6 +21,7 @@ the first N captions and extrapolate (the output says so).
     python benchmarks/pairwise_engine.py --quick      # 100 x 500, a few seconds
     python benchmarks/pairwise_engine.py --loop-captions 5000   # the whole loop (~11 min)
     python benchmarks/pairwise_engine.py --methods sgr,saf --sgraf-captions 5000   # full SGRAF
+    python benchmarks/pairwise_engine.py --methods lhsc --sgraf-captions 5000       # full LHSC
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ def unit_sets(n: int, lengths: np.ndarray, d: int, generator: torch.Generator) -
 
 
 # --------------------------------------------------------------------------- reference loops
+def l2n(x: torch.Tensor) -> torch.Tensor:
+    """The references' ``l2norm``: ``x / (||x|| + 1e-8)`` over the last axis."""
+    return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+
+
 def reference_loop_scan(images: Encoded, captions: Encoded, cfg: SCANConfig, n_captions: int) -> torch.Tensor:
     """SCAN's ``xattn_score_t2i`` / ``xattn_score_i2t`` as the reference writes them: for each
     caption, repeat it for every image, run ``func_attention`` (``[n_img, R, L]`` attention and
@@ -145,10 +153,6 @@ def reference_loop_sgraf(model, images: Encoded, captions: Encoded, n_captions: 
     sim = model.sim
     img, img_glo = images.feats, images.extras["global"]
     n_img = img.shape[0]
-
-    def l2n(x):
-        return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
-
     out = torch.empty(n_img, n_captions)
     for j in tqdm(range(n_captions), desc="reference loop", unit="caption", leave=False):
         cap = captions.feats[j, : int(captions.lengths[j])].unsqueeze(0).repeat(n_img, 1, 1)  # [n, L, d]
@@ -174,6 +178,77 @@ def reference_loop_sgraf(model, images: Encoded, captions: Encoded, n_captions: 
     return out
 
 
+def reference_lhsc_images(model, feats: torch.Tensor, batch: int = 100) -> torch.Tensor:
+    """LHSC's ``EncoderImage.forward`` as the reference writes it (lhsc.md §3.1), in batches of
+    ``batch`` images as its ``encode_data``: ``fc``, then four ``IM_GCN`` blocks in the
+    channels-first layout with kernel-1 ``conv1d`` (the four θ / φ convs run separately and are
+    concatenated), eval-mode BatchNorm, l2 norm. ``feats [n, R, img_dim]`` -> ``[n, R, d]``."""
+    fc = model.image.fc
+    out = []
+    for start in range(0, len(feats), batch):
+        x = fc(feats[start : start + batch]).permute(0, 2, 1)  # [B, d, R]
+        for block in model.image.graph.blocks:
+            d = x.shape[1]
+
+            def conv(layer, v, rows=slice(None)):
+                return F.conv1d(v, layer.weight[rows, :, None], layer.bias[rows])
+
+            quarters = [slice(k * d // 4, (k + 1) * d // 4) for k in range(4)]
+            theta = torch.cat([conv(block.theta, x, q) for q in quarters], 1).permute(0, 2, 1)
+            phi = torch.cat([conv(block.phi, x, q) for q in quarters], 1).permute(0, 2, 1)
+            f = block.fc1(theta) @ block.fc2(phi).transpose(1, 2) / x.shape[-1]  # [B, R, R]
+            y = (f @ conv(block.g, x).permute(0, 2, 1)).permute(0, 2, 1)  # [B, d, R]
+            x = x + block.bn(conv(block.W, y))
+        out.append(l2n(x.permute(0, 2, 1)))
+    return torch.cat(out)
+
+
+def reference_lhsc_captions(
+    model, tokens: torch.Tensor, lengths: torch.Tensor, n_captions: int, batch: int = 100
+) -> torch.Tensor:
+    """LHSC's ``EncoderText.forward`` as the reference writes it (lhsc.md §3.2) for the first
+    ``n_captions`` captions: batches of ``batch`` consecutive captions, each padded with id 0 to
+    the longest caption of the **whole** batch (the padding changes the encoding, §8.2);
+    embedding, four ``TextAttn`` blocks over the padded batch (pads are keys, divided by the padded
+    length), packed bi-GRU (sorted by length), mean of the directions, l2 norm. Returns ``[n, L, d]``
+    (zero beyond each caption)."""
+    text = model.text
+    d = text.embed_size
+    out = torch.zeros(n_captions, tokens.shape[1], d)
+    for start in range(0, n_captions, batch):
+        L = int(lengths[start : start + batch].max())
+        stop = min(start + batch, n_captions)
+        lens = lengths[start:stop]
+        x = text.embed(tokens[start:stop, :L])
+        for block in text.word_layers.blocks:
+            local = torch.tanh(block.embedding_local(x))
+            glob = torch.tanh(block.embedding_global(x))
+            x = x + (local @ glob.transpose(1, 2) / L) @ torch.tanh(block.embedding_v(x))
+        order = torch.argsort(lens, descending=True)  # the reference's collate sorts by length
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x[order], lens[order], batch_first=True)
+        rnn, _ = torch.nn.utils.rnn.pad_packed_sequence(text.rnn(packed)[0], batch_first=True, total_length=L)
+        words = l2n((rnn[..., :d] + rnn[..., d:]) / 2)
+        out[start + order, :L] = words
+    return out
+
+
+def reference_loop_lhsc(model, raw_images, tokens, lengths, n_captions: int) -> tuple[torch.Tensor, float]:
+    """LHSC's evaluation as the reference runs it (lhsc.md §4): encode every image
+    (:func:`reference_lhsc_images`) and the first ``n_captions`` captions
+    (:func:`reference_lhsc_captions`, batches of 100), then the per-caption SAF loop
+    (:func:`reference_loop_sgraf`; the VisualSA / TextSA global vectors come from the model's own
+    modules, as for the engine). Returns ``(scores [n_img, n_captions], seconds of the image
+    encoding)``: that part does not grow with the captions, so it is not extrapolated."""
+    start = time.perf_counter()
+    regions = reference_lhsc_images(model, raw_images.feats)
+    image_seconds = time.perf_counter() - start
+    images = Encoded(regions, raw_images.lengths, {"global": model.sim.global_image(regions)})
+    words = reference_lhsc_captions(model, tokens, lengths, n_captions)
+    captions = Encoded(words, lengths[:n_captions])
+    captions.extras["global"] = model.sim.global_caption(words, captions.mask)
+    return reference_loop_sgraf(model, images, captions, n_captions), image_seconds
+
+
 def sgraf_flops(module: str, lengths: np.ndarray, n_img: int, R: int, d: int, s: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """FLOPs per caption column (``[n_cap]`` each, all images): ``(reference loop, engine)``.
 
@@ -191,6 +266,27 @@ def sgraf_flops(module: str, lengths: np.ndarray, n_img: int, R: int, d: int, s:
     else:  # SAF: gates and the weighted sum
         ref = eng = common + 2 * P * s * 2
     return ref * n_img, eng * n_img
+
+
+def lhsc_flops(
+    lengths: np.ndarray, n_img: int, R: int, d: int, s: int, e: int, img_dim: int, blocks: int = 4, batch: int = 100,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """LHSC's FLOPs (both sides do the same arithmetic): ``(per caption column [n_cap], the same,
+    fixed)``. Per caption: SAF's pairwise part (:func:`sgraf_flops`), TextSA ``2 L d² + 2 d² + 2 L d``,
+    the word blocks on the padded length ``L_b`` of the caption's batch of ``batch`` consecutive
+    captions ``blocks · (6 L_b e² + 4 L_b² e)``, the bi-GRU ``2 · L · 6 d (e + d)``. Fixed (every
+    image once): ``fc`` ``2 R img_dim d``, the region blocks ``blocks · (12 R d² + 4 R² d)``,
+    VisualSA ``2 R d² + 2 d² + 2 R d``."""
+    L = lengths.astype(np.float64)
+    padded = np.concatenate([np.full(len(L[i : i + batch]), L[i : i + batch].max()) for i in range(0, len(L), batch)])
+    per_caption = (
+        sgraf_flops("SAF", lengths, n_img, R, d, s, 0)[0]
+        + 2 * L * d * d + 2 * d * d + 2 * L * d
+        + blocks * (6 * padded * e * e + 4 * padded * padded * e)
+        + 2 * L * 6 * d * (e + d)
+    )  # fmt: skip
+    fixed = n_img * (2 * R * img_dim * d + blocks * (12 * R * d * d + 4 * R * R * d) + 2 * R * d * d + 2 * d * d + 2 * R * d)
+    return per_caption, per_caption.copy(), float(fixed)
 
 
 def scan_flops(direction: str, lengths: np.ndarray, n_img: int, R: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,12 +340,22 @@ class Row:
     speedup_bound: float
 
 
-def compare(name, model, images, captions, loop_fn, loop_captions, budget, flops, gemm_peak) -> Row:
+def compare(
+    name, model, images, captions, loop_fn, loop_captions, budget, flops, gemm_peak, engine_fn=None, fixed_flops=0.0,
+) -> Row:
     """Time ``loop_fn(loop_captions)`` and the engine on the same inputs. ``flops = (loop, engine)``:
-    FLOPs per caption column (``[n_cap]`` arrays)."""
-    n_img, n_cap = len(images), len(captions)
+    FLOPs per caption column (``[n_cap]`` arrays).
+
+    ``loop_fn`` returns the scores of the first ``loop_captions`` captions, or ``(scores,
+    fixed_seconds)`` where ``fixed_seconds`` of its time do not grow with the captions (LHSC's
+    image encoder) and are not extrapolated. ``engine_fn()`` (default: the engine on ``images``,
+    ``captions``) returns the full matrix. ``fixed_flops``: arithmetic outside the caption columns,
+    done by both sides."""
+    n_cap = len(captions)
     loop_captions = min(loop_captions, n_cap)
     loop_flops, engine_flops = (np.asarray(f, dtype=np.float64) for f in flops)
+    if engine_fn is None:
+        engine_fn = lambda: pairwise_similarity(model, images, captions, memory_budget=budget, progress=True, desc=name)  # noqa: E731
     with torch.no_grad():
         with PeakMemory() as loop_mem:
             start = time.perf_counter()
@@ -257,18 +363,20 @@ def compare(name, model, images, captions, loop_fn, loop_captions, budget, flops
             loop_time = time.perf_counter() - start
         with PeakMemory() as engine_mem:
             start = time.perf_counter()
-            sims = pairwise_similarity(model, images, captions, memory_budget=budget, progress=True, desc=name)
+            sims = engine_fn()
             engine_time = time.perf_counter() - start
+    loop, fixed_time = loop if isinstance(loop, tuple) else (loop, 0.0)
     # the loop's full time scales with its arithmetic (captions differ in length)
-    full_loop = loop_time * loop_flops.sum() / loop_flops[:loop_captions].sum()
-    floor = engine_flops.sum() / (gemm_peak * 1e9)
+    full_loop = fixed_time + (loop_time - fixed_time) * loop_flops.sum() / loop_flops[:loop_captions].sum()
+    engine_total = engine_flops.sum() + fixed_flops
+    floor = engine_total / (gemm_peak * 1e9)
     diff = float((sims[:, :loop_captions] - loop).abs().max())
     return Row(
-        name, n_img, n_cap, loop_captions, loop_time, full_loop, loop_captions < n_cap, engine_time,
+        name, len(images), n_cap, loop_captions, loop_time, full_loop, loop_captions < n_cap, engine_time,
         full_loop / engine_time, loop_mem.peak_gib, loop_mem.extra_gib, engine_mem.peak_gib,
-        engine_mem.extra_gib, engine_flops.sum() / engine_time / 1e9, diff,
-        loop_flops[:loop_captions].sum() / loop_time / 1e9, loop_flops.sum() / 1e12, engine_flops.sum() / 1e12,
-        gemm_peak, floor, full_loop / floor,
+        engine_mem.extra_gib, engine_total / engine_time / 1e9, diff,
+        (loop_flops[:loop_captions].sum() + fixed_flops) / loop_time / 1e9, (loop_flops.sum() + fixed_flops) / 1e12,
+        engine_total / 1e12, gemm_peak, floor, full_loop / floor,
     )  # fmt: skip
 
 
@@ -324,9 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--loop-captions", type=int, default=500, help="time the loop on this many captions and extrapolate")
-    parser.add_argument("--methods", default="scan-t2i,sgr,saf", help="comma list of scan-t2i, scan-i2t, sgr, saf (sgraf = both)")
-    parser.add_argument("--sgraf-captions", type=int, default=1000, help="SGRAF runs on this many captions (slow method)")
-    parser.add_argument("--sgraf-loop-captions", type=int, default=50, help="time SGRAF's loop on this many captions")
+    parser.add_argument("--methods", default="scan-t2i,sgr,saf", help="comma list of scan-t2i, scan-i2t, sgr, saf (sgraf = both), lhsc")
+    parser.add_argument("--sgraf-captions", type=int, default=1000, help="SGRAF and LHSC run on this many captions (slow methods)")
+    parser.add_argument("--sgraf-loop-captions", type=int, default=50, help="time SGRAF's and LHSC's loops on this many captions")
+    parser.add_argument("--lhsc-img-dim", type=int, default=2048, help="LHSC's raw region feature size (BUTD: 2048)")
+    parser.add_argument("--lhsc-word-dim", type=int, default=300, help="LHSC's word embedding size")
     parser.add_argument("--budget-mib", type=float, default=None, help="engine memory budget (default: the engine's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -374,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif method in ("sgr", "saf"):
             rows.append(_sgraf_row(method.upper(), args, images, captions, budget, generator, notes, gemm_peak))
+        elif method == "lhsc":
+            rows.append(_lhsc_row(args, captions.lengths, budget, generator, notes, gemm_peak))
         else:
-            parser.error(f"--methods: expected scan-t2i, scan-i2t, sgr, saf or sgraf (both), found {method!r}")
+            parser.error(f"--methods: expected scan-t2i, scan-i2t, sgr, saf, sgraf (both) or lhsc, found {method!r}")
     # a shared or frequency-scaling machine drifts by tens of percent: the yardstick is the best
     # GEMM rate seen before and after the runs, so the floor is never overstated
     gemm_start, gemm_end = gemm_peak, measure_gemm_gflops(args.dim, 256)
@@ -412,6 +524,62 @@ def _sgraf_row(module, args, images, captions, budget, generator, notes, gemm_pe
         lambda n: reference_loop_sgraf(model, images_g, caps_g, n),
         min(args.sgraf_loop_captions, n_cap), budget, flops, gemm_peak,
     )  # fmt: skip
+
+
+def _lhsc_row(args, lengths: torch.Tensor, budget, generator, notes, gemm_peak) -> Row:
+    """LHSC from raw inputs: region features ``[n_img, R, img_dim]`` (non-negative, like BUTD's
+    ReLU outputs) and word ids with the real caption lengths; the model is built at paper sizes
+    with random weights and region-block BatchNorms calibrated on the images (lhsc.md §8.6: with
+    gamma 0 the blocks would be the identity, with random statistics they overflow)."""
+    from itmkit.methods import lhsc
+
+    d, R = args.dim, args.regions
+    cfg = lhsc.LHSCConfig(img_dim=args.lhsc_img_dim, embed_size=d, num_regions=R)
+    vocab = 8481  # the f30k SCAN vocabulary
+    model = lhsc.LHSC(cfg, TextConfig(kind="bigru", word_dim=args.lhsc_word_dim), vocab + 1)
+    n_cap = min(args.sgraf_captions, len(lengths))
+    lengths = lengths[:n_cap]
+    raw = Encoded(torch.rand(args.images, R, args.lhsc_img_dim, generator=generator), torch.full((args.images,), R))
+    tokens = torch.randint(4, vocab, (n_cap, int(lengths.max())), generator=generator)
+    tokens = tokens.masked_fill(torch.arange(tokens.shape[1])[None] >= lengths[:, None], 0)
+    calibrate_region_blocks(model, raw, generator)
+    model.eval()
+    batch = 100  # the reference's encode_data batches (lhsc.md §4); the evaluator does the same for LHSC
+
+    def engine():
+        images = Encoded.cat([model.encode_images(raw.feats[i : i + batch], raw.lengths[i : i + batch])
+                              for i in range(0, len(raw), batch)])  # fmt: skip
+        captions = Encoded.cat([model.encode_captions(tokens[i : i + batch].contiguous(), lengths[i : i + batch])
+                                for i in range(0, n_cap, batch)])  # fmt: skip
+        return pairwise_similarity(model, images, captions, memory_budget=budget, progress=True, desc="lhsc")
+
+    per_caption, _, fixed = lhsc_flops(lengths.numpy(), args.images, R, d, cfg.sim_dim, args.lhsc_word_dim, args.lhsc_img_dim)
+    notes.append(
+        f"LHSC: random weights, raw {args.lhsc_img_dim}-d regions and word ids in (encoders timed, in batches of {batch}), "
+        f"d={d}, s={cfg.sim_dim}, word dim {args.lhsc_word_dim}, first {n_cap} captions"
+    )
+    return compare(
+        "lhsc", model, raw, Encoded(tokens[..., None].float(), lengths),
+        lambda n: reference_loop_lhsc(model, raw, tokens, lengths, n),
+        min(args.sgraf_loop_captions, n_cap), budget, (per_caption, per_caption), gemm_peak, engine_fn=engine,
+        fixed_flops=fixed,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def calibrate_region_blocks(model, raw: Encoded, generator: torch.Generator, n: int = 100) -> None:
+    """Give LHSC's region-block BatchNorms gamma ~ U(0.5, 1.5), beta ~ N(0, 0.1²) and running
+    statistics of the first ``n`` images (one train-mode pass with a cumulative average)."""
+    for block in model.image.graph.blocks:
+        block.bn.weight.copy_(0.5 + torch.rand(block.bn.weight.shape, generator=generator))
+        block.bn.bias.copy_(0.1 * torch.randn(block.bn.bias.shape, generator=generator))
+        block.bn.reset_running_stats()
+        block.bn.momentum = None
+    model.image.train()
+    model.image(raw.feats[:n], raw.lengths[:n])
+    model.image.eval()
+    for block in model.image.graph.blocks:
+        block.bn.momentum = 0.1
 
 
 if __name__ == "__main__":

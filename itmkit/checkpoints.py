@@ -80,6 +80,18 @@ def rename_keys(state: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> St
     return renamed
 
 
+def add_missing_batch_counters(state: Mapping[str, Tensor]) -> StateDict:
+    """``state`` with ``num_batches_tracked = 0`` added beside every BatchNorm ``running_mean``
+    that lacks it: files written by PyTorch 0.4.0 have no counter (0.4.1 added it); it only
+    matters for ``momentum=None``, which no reference uses."""
+    filled = dict(state)
+    for key in state:
+        if key.endswith(".running_mean"):
+            counter = key[: -len("running_mean")] + "num_batches_tracked"
+            filled.setdefault(counter, torch.tensor(0, dtype=torch.long))
+    return filled
+
+
 def compare_state_dicts(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> LoadReport:
     """Report how ``found`` differs from ``expected`` (a model's ``state_dict()``)."""
     report = LoadReport()

@@ -1,8 +1,9 @@
 """benchmarks/pairwise_engine.py: its reference loops agree with the engine, its FLOP counts are right.
 
-The benchmark's speed figures are measured by running it (README, docs/scan.md, docs/sgraf.md);
-here it runs at toy sizes so that the loops written in it (SCAN's ``xattn_score_*`` and SGRAF's
-``EncoderSimilarity.forward`` structure) are proven equal to the engine they are timed against.
+The benchmark's speed figures are measured by running it (README, docs/scan.md, docs/sgraf.md,
+docs/lhsc.md); here it runs at toy sizes so that the loops written in it (SCAN's
+``xattn_score_*``, SGRAF's ``EncoderSimilarity.forward`` structure, LHSC's encoders) are proven
+equal to the engine they are timed against.
 """
 
 from __future__ import annotations
@@ -44,6 +45,32 @@ def test_reference_loops_equal_the_engine_at_toy_sizes(bench, tmp_path, capsys):
     assert rows["saf"]["engine_tflop"] == pytest.approx(rows["saf"]["loop_tflop_full"])
     printed = capsys.readouterr().out
     assert "floor s" in printed and "GEMM rate" in printed
+
+
+def test_lhsc_loop_with_its_encoders_equals_the_engine_at_toy_sizes(bench, tmp_path):
+    """LHSC's row encodes raw features and word ids on both sides; 130 captions make two of the
+    reference's 100-caption encoding batches, and the loop's 105 captions reach into the second."""
+    out = tmp_path / "rows.json"
+    argv = ["--images", "5", "--captions", "130", "--dim", "16", "--sgraf-loop-captions", "105",
+            "--methods", "lhsc", "--lhsc-img-dim", "12", "--lhsc-word-dim", "8", "--json", str(out)]
+    assert bench.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["method"] == "lhsc" and row["n_captions"] == 130 and row["loop_captions"] == 105
+    assert row["max_abs_diff"] < 1e-5
+    assert row["engine_tflop"] == pytest.approx(row["loop_tflop_full"])  # same arithmetic on both sides
+
+
+def test_lhsc_flop_count_by_hand(bench):
+    # n_img 1, R 2, d 4, s 2, word dim 3, img_dim 5, one block of each kind; captions L = 2, 3
+    # per caption: SAF 136 / 192 (as SGRAF's), TextSA 2Ld² + 2d² + 2Ld = 112 / 152, GRU 12 L d (e + d)
+    # = 672 / 1008, the word block on the batch's padded length 3: 6*3*9 + 4*9*3 = 270 for both
+    per, eng, fixed = bench.lhsc_flops(np.array([2, 3]), 1, R=2, d=4, s=2, e=3, img_dim=5, blocks=1, batch=2)
+    assert per.tolist() == [136 + 112 + 270 + 672, 192 + 152 + 270 + 1008] and eng.tolist() == per.tolist()
+    # fixed: fc 2*2*5*4 = 80, region block 12*2*16 + 4*4*4 = 448, VisualSA 2*2*16 + 2*16 + 2*2*4 = 112
+    assert fixed == 80 + 448 + 112
+    # batches of one caption: the first caption's word block runs on its own 2 positions
+    per, _, _ = bench.lhsc_flops(np.array([2, 3]), 1, R=2, d=4, s=2, e=3, img_dim=5, blocks=1, batch=1)
+    assert per[0] == 136 + 112 + (6 * 2 * 9 + 4 * 4 * 3) + 672
 
 
 def test_sgraf_flop_count_by_hand(bench):

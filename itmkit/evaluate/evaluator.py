@@ -75,11 +75,16 @@ def _encode_captions_by_length(model, split: PrecompSplit, pipeline, batch_size:
     """Captions encoded in batches of similar length (longest first), returned in split order.
 
     Real caption files mix 8- and 60-token captions; batching them in file order pads most
-    batches to the longest one. Encoders are padding-invariant, so only the speed changes.
+    batches to the longest one. Encoders are padding-invariant, so only the speed changes; a
+    model whose ``batch_dependent_captions`` is True (LHSC's reference word attention reads the
+    padding, lhsc.md §3.2) is encoded in file order instead, in the reference's batches.
     """
     ids = [pipeline.encode(c) for c in tqdm(split.captions, desc=f"tokenise {split.split}", disable=not progress,
                                             leave=False)]  # fmt: skip
-    order = np.argsort(-np.array([len(t) for t in ids]), kind="stable")
+    if getattr(model, "batch_dependent_captions", False):
+        order = np.arange(len(ids))
+    else:
+        order = np.argsort(-np.array([len(t) for t in ids]), kind="stable")
     parts = []
     for start in tqdm(range(0, len(ids), batch_size), desc=f"encode {split.split} captions", disable=not progress,
                       leave=False):  # fmt: skip

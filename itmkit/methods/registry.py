@@ -22,6 +22,7 @@ METHOD_MODULES: dict[str, str] = {
     "chan": "itmkit.methods.chan",
     "esl": "itmkit.methods.esl",
     "hrem": "itmkit.methods.hrem",
+    "lhsc": "itmkit.methods.lhsc",
 }
 
 

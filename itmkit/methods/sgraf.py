@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from itmkit.checkpoints import check_converted, open_reference_checkpoint, opt_value, reference_dataset, strip_prefix
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
@@ -77,22 +77,34 @@ class SGRAF(MatchingModel):
     def __init__(self, cfg: SGRAFConfig, text_cfg: TextConfig, vocab_size: int | None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.image = PrecompRegionEncoder(
-            cfg.img_dim, cfg.embed_size, mlp_residual=False, l2_regions=not cfg.no_imgnorm
-        )
-        options: dict[str, Any] = {"l2_words": not cfg.no_txtnorm}
-        if text_cfg.kind == "bigru":
-            options.update(bidirectional=cfg.bi_gru, word_dropout=cfg.word_dropout, num_layers=cfg.num_layers)
-        self.text = build_text_encoder(text_cfg, cfg.embed_size, vocab_size, **options)
+        self.image = self._image_encoder(cfg)
+        self.text = self._text_encoder(cfg, text_cfg, vocab_size)
         self.sim = SimilarityEncoder(
             cfg.embed_size, cfg.sim_dim, cfg.module, cfg.num_regions, cfg.sgr_step,
             cfg.self_attention_dropout, cfg.attention_smooth,
         )
 
+    # --- parts (subclasses with other encoders, e.g. LHSC, override these) ----------------------
+    def _image_encoder(self, cfg: SGRAFConfig) -> nn.Module:
+        """``(images [B, K, img_dim], lengths [B]) -> [B, K, d]``: SCAN's ``fc`` + l2 norm (§3.1)."""
+        return PrecompRegionEncoder(cfg.img_dim, cfg.embed_size, mlp_residual=False, l2_regions=not cfg.no_imgnorm)
+
+    def _text_encoder(self, cfg: SGRAFConfig, text_cfg: TextConfig, vocab_size: int | None, **options: Any) -> nn.Module:
+        """``(tokens [B, L], lengths [B]) -> [B, L, d]``: the bi-GRU of §3.2 (or a Hugging Face
+        encoder); ``options`` go to the bi-GRU's constructor."""
+        options["l2_words"] = not cfg.no_txtnorm
+        if text_cfg.kind == "bigru":
+            options.update(bidirectional=cfg.bi_gru, word_dropout=cfg.word_dropout, num_layers=cfg.num_layers)
+        return build_text_encoder(text_cfg, cfg.embed_size, vocab_size, **options)
+
     # --- encoding ------------------------------------------------------------------------------
     def encode_images(self, images: Tensor, lengths: Tensor) -> Encoded:
         """``images [B, K, img_dim]``, ``lengths [B]`` -> regions ``[B, R, d]`` (``R = num_regions``;
         fewer regions are zero-padded up to it) with ``extras["global"] [B, d]`` (VisualSA)."""
+        self._check_region_count(images)
+        return self.images_from_regions(self.image(images, lengths), lengths)
+
+    def _check_region_count(self, images: Tensor) -> None:
         n_regions = self.cfg.num_regions
         if images.shape[1] > n_regions:
             raise ValueError(
@@ -100,7 +112,6 @@ class SGRAF(MatchingModel):
                 f"BatchNorm1d is built for that many, sgraf.md §8.2), found {images.shape[1]}; "
                 f"set model.num_regions to the data's region count"
             )
-        return self.images_from_regions(self.image(images, lengths), lengths)
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         """``tokens [B, L]``, ``lengths [B]`` -> words ``[B, L, d]`` with ``extras["global"] [B, d]`` (TextSA)."""

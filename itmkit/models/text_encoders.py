@@ -35,6 +35,9 @@ class BiGRUTextEncoder(nn.Module):
     - ``embed``: ``Embedding(vocab_size, word_dim)``, init ``U(-0.1, 0.1)`` (``embed_init="uniform"``,
       VSE∞/SCAN/SGRAF) or Xavier-uniform (``"xavier"``, CHAN without GloVe).
     - ``word_dropout``: dropout on the word embeddings (SGRAF uses 0.4; VSE∞ and SCAN none).
+    - ``word_layers``: an optional module ``(words [B, L, word_dim], lengths [B]) -> [B, L, word_dim]``
+      between the dropout and the GRU (LHSC's word self-attention blocks, lhsc.md §3.2); it sees
+      every padded position (pad-id embeddings), the GRU afterwards reads only the valid ones.
     - ``rnn``: ``GRU(word_dim -> d)`` over the packed sequences (any order: ``enforce_sorted=False``);
       with ``bidirectional`` the two directions are **averaged** ``(h_fwd + h_bwd) / 2``.
     - ``l2_words``: l2-normalise every token vector (SCAN, SGRAF, CHAN; not VSE∞).
@@ -53,6 +56,7 @@ class BiGRUTextEncoder(nn.Module):
         l2_words: bool = False,
         num_layers: int = 1,
         embed_init: Literal["uniform", "xavier"] = "uniform",
+        word_layers: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if vocab_size is None or vocab_size < 1:
@@ -64,6 +68,7 @@ class BiGRUTextEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, word_dim)
         self.dropout = nn.Dropout(word_dropout)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional)
+        self.word_layers = word_layers
         if embed_init == "uniform":
             nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         elif embed_init == "xavier":
@@ -77,6 +82,8 @@ class BiGRUTextEncoder(nn.Module):
             raise ValueError(f"BiGRUTextEncoder tokens: expected [B, L], found shape {tuple(tokens.shape)}")
         check_lengths(lengths, tokens.shape[0], tokens.shape[1], "caption lengths")
         words = self.dropout(self.embed(tokens))
+        if self.word_layers is not None:
+            words = self.word_layers(words, lengths)
         packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
