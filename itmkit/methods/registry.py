@@ -21,6 +21,7 @@ METHOD_MODULES: dict[str, str] = {
     "sgraf": "itmkit.methods.sgraf",
     "chan": "itmkit.methods.chan",
     "esl": "itmkit.methods.esl",
+    "cefg": "itmkit.methods.cefg",
 }
 
 
