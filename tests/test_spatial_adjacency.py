@@ -17,7 +17,6 @@ from itmkit.data.precomp import PrecompSplit, RegionColumns
 from itmkit.data.spatial_adjacency import (
     adjacency_file,
     check_adjacency,
-    compute_split_adjacency,
     read_image_sizes,
     sector_adjacency,
     split_adjacency,
