@@ -137,7 +137,6 @@ class ContextSimilarityEncoder(SimilarityEncoder):
         if rcr_steps < 1:
             raise ValueError(f"ContextSimilarityEncoder rcr_steps: expected >= 1, found {rcr_steps}")
         self.slots = slots
-        self.num_regions = num_regions
         self.context_attention = VisualSelfAttention(embed_size, num_regions, dropout)
         self.sim_transform_w = nn.Linear(embed_size, sim_dim)
         xavier_init_(self.context_attention)  # direct Linear children of the reference: Xavier, bias 0
