@@ -8,9 +8,10 @@ unit vectors. In one run, on the same inputs, it times
     all images, materialising the ``[n_img, L, d]`` attended vectors; fp32), and
 (b) :func:`itmkit.similarity.engine.pairwise_similarity` on the full matrix,
 
-for SCAN t2i (and i2t), SGRAF's two models SGR and SAF, and LHSC (whose row includes its
-encoders: raw 2048-d features and word ids in, see :func:`reference_loop_lhsc`), and prints
-times, ratio, peak memory of
+for SCAN t2i (and i2t), SGRAF's two models SGR and SAF, LHSC (whose row includes its
+encoders: raw 2048-d features and word ids in, see :func:`reference_loop_lhsc`) and CEFG's two
+(``cefg-sgr``, ``cefg-saf``: SGRAF plus the correspondence regulator over 2R context-enhanced
+regions), and prints times, ratio, peak memory of
 each, the max abs difference, and the arithmetic: FLOPs of the loop and of the engine, the
 machine's measured GEMM rate, and the fastest the engine's arithmetic could possibly run at that
 rate (``floor s``) with the speed-up that would give (``bound``). The full SCAN loop takes ~11 min
@@ -22,6 +23,7 @@ the first N captions and extrapolate (the output says so).
     python benchmarks/pairwise_engine.py --loop-captions 5000   # the whole loop (~11 min)
     python benchmarks/pairwise_engine.py --methods sgr,saf --sgraf-captions 5000   # full SGRAF
     python benchmarks/pairwise_engine.py --methods lhsc --sgraf-captions 5000       # full LHSC
+    python benchmarks/pairwise_engine.py --methods cefg --cefg-captions 5000        # full CEFG (hours on a CPU)
 """
 
 from __future__ import annotations
@@ -161,20 +163,66 @@ def reference_loop_sgraf(model, images: Encoded, captions: Encoded, n_captions: 
         attn = torch.softmax(attn.transpose(1, 2) * 9.0, dim=2)  # [n, L, R]
         ctx = l2n(torch.bmm(attn, img))  # [n, L, d]
         sim_loc = l2n(sim.sim_tranloc_w((ctx - cap) ** 2))
-        sim_glo = l2n(sim.sim_tranglo_w((img_glo - captions.extras["global"][j]) ** 2))
-        x = torch.cat([sim_glo[:, None], sim_loc], 1)  # [n, L + 1, s]
-        if sim.module_name == "SGR":
-            for step in sim.SGR_module:
-                edges = torch.softmax(torch.bmm(step.graph_query_w(x), step.graph_key_w(x).transpose(1, 2)), -1)
-                x = torch.relu(step.sim_graph_w(torch.bmm(edges, x)))
-            v = x[:, 0]
-        else:
-            saf, bn = sim.SAF_module, sim.SAF_module.bn
-            a = saf.attn_sim_w(x)[..., 0]
-            a = torch.sigmoid((a - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias)
-            a = a / (a.abs().sum(1, keepdim=True) + 1e-8)
-            v = l2n((a[..., None] * x).sum(1))
-        out[:, j] = torch.sigmoid(sim.sim_eval_w(v))[:, 0]
+        out[:, j] = _reference_readout(sim, img_glo, captions.extras["global"][j], sim_loc)
+    return out
+
+
+def _reference_readout(sim, img_glo, cap_glo, sim_loc) -> torch.Tensor:
+    """SGRAF's tail for one caption against all images (sgraf.md §3.3 d-f): the global node, the
+    ``[n_img, L_j + 1, s]`` graph, SGR (every step on every node, three linears) or SAF, the score."""
+
+    def l2n(x):
+        return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+
+    sim_glo = l2n(sim.sim_tranglo_w((img_glo - cap_glo) ** 2))
+    x = torch.cat([sim_glo[:, None], sim_loc], 1)  # [n, L + 1, s]
+    if sim.module_name == "SGR":
+        for step in sim.SGR_module:
+            edges = torch.softmax(torch.bmm(step.graph_query_w(x), step.graph_key_w(x).transpose(1, 2)), -1)
+            x = torch.relu(step.sim_graph_w(torch.bmm(edges, x)))
+        v = x[:, 0]
+    else:
+        saf, bn = sim.SAF_module, sim.SAF_module.bn
+        a = saf.attn_sim_w(x)[..., 0]
+        a = torch.sigmoid((a - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias)
+        a = a / (a.abs().sum(1, keepdim=True) + 1e-8)
+        v = l2n((a[..., None] * x).sum(1))
+    return torch.sigmoid(sim.sim_eval_w(v))[:, 0]
+
+
+def reference_loop_cefg(model, images: Encoded, captions: Encoded, n_captions: int) -> torch.Tensor:
+    """CEFG's ``EncoderSimilarity.forward`` caption loop as the reference writes it (cefg.md §3.3
+    e-h, eval mode): for each caption, its valid words repeated for every image; three regulator
+    rounds, each a ``SCAN_attention`` of the modulated words over the ``2R`` enhanced regions with
+    the current temperature (a number, then ``[n_img, L, 1]``), the local similarity vectors and
+    both regulator MLPs (the last round's modulation too, which the reference computes and drops);
+    the final attention with the plain words; then SGRAF's tail. The enhanced regions and the
+    global vectors are the precomputed ``Encoded`` inputs, as for the engine."""
+    sim = model.sim
+    img, img_glo = images.feats, images.extras["global"]
+    n_img = img.shape[0]
+
+    def l2n(x):
+        return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+
+    def scan_attention(query, smooth):
+        attn = F.leaky_relu(torch.bmm(img, query.transpose(1, 2)), 0.1)  # [n, 2R, L]
+        attn = attn / (attn.norm(dim=2, keepdim=True) + 1e-8)
+        attn = torch.softmax(attn.transpose(1, 2) * smooth, dim=2)  # [n, L, 2R]
+        return l2n(torch.bmm(attn, img))
+
+    out = torch.empty(n_img, n_captions)
+    for j in tqdm(range(n_captions), desc="reference loop", unit="caption", leave=False):
+        cap = captions.feats[j, : int(captions.lengths[j])].unsqueeze(0).repeat(n_img, 1, 1)  # [n, L, d]
+        matrix, smooth = torch.ones(cap.shape[-1]), 10.0
+        for regulator in sim.rcr_modules:
+            ctx = scan_attention(cap * matrix, smooth)
+            sim_loc = l2n(sim.sim_tranloc_w((ctx - cap) ** 2))
+            matrix = (torch.tanh(regulator.rcr_matrix_w(sim_loc)) + matrix).clamp(-1, 1)
+            smooth = torch.relu(regulator.rcr_smooth_w(sim_loc) + smooth)
+        ctx = scan_attention(cap, smooth)
+        sim_loc = l2n(sim.sim_tranloc_w((ctx - cap) ** 2))
+        out[:, j] = _reference_readout(sim, img_glo, captions.extras["global"][j], sim_loc)
     return out
 
 
@@ -287,6 +335,25 @@ def lhsc_flops(
     )  # fmt: skip
     fixed = n_img * (2 * R * img_dim * d + blocks * (12 * R * d * d + 4 * R * R * d) + 2 * R * d * d + 2 * d * d + 2 * R * d)
     return per_caption, per_caption.copy(), float(fixed)
+
+
+def cefg_flops(
+    module: str, lengths: np.ndarray, n_img: int, R2: int, d: int, s: int, sgr_steps: int, rounds: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """FLOPs per caption column: ``(reference loop, engine)``, over ``R2 = 2R`` enhanced regions.
+
+    SGRAF's count (:func:`sgraf_flops`: the final attention, local projection, global node,
+    graph) plus, per regulator round, another attention ``4 R2 L d`` and local projection
+    ``2 L d s``, the query modulation ``L d``, the temperature MLP ``2 L (s · s/2 + s/2)`` and the
+    modulation MLP ``2 L (s · 2s + 2s · d)``. The engine skips the first round's modulation (it is
+    1) and the last round's modulation MLP (its output is discarded, cefg.md §8.7)."""
+    L = lengths.astype(np.float64)
+    ref_tail, eng_tail = sgraf_flops(module, lengths, 1, R2, d, s, sgr_steps)
+    per_round = 4 * R2 * L * d + 2 * L * d * s + 2 * L * (s * (s // 2) + s // 2)
+    modulation_mlp = 2 * L * (s * 2 * s + 2 * s * d)
+    ref = ref_tail + rounds * (per_round + L * d + modulation_mlp)
+    eng = eng_tail + rounds * per_round + (rounds - 1) * (L * d + modulation_mlp)
+    return ref * n_img, eng * n_img
 
 
 def scan_flops(direction: str, lengths: np.ndarray, n_img: int, R: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -432,11 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--loop-captions", type=int, default=500, help="time the loop on this many captions and extrapolate")
-    parser.add_argument("--methods", default="scan-t2i,sgr,saf", help="comma list of scan-t2i, scan-i2t, sgr, saf (sgraf = both), lhsc")
+    parser.add_argument("--methods", default="scan-t2i,sgr,saf,cefg-sgr,cefg-saf",
+                        help="comma list of scan-t2i, scan-i2t, sgr, saf (sgraf = both), lhsc, cefg-sgr, cefg-saf (cefg = both)")
     parser.add_argument("--sgraf-captions", type=int, default=1000, help="SGRAF and LHSC run on this many captions (slow methods)")
     parser.add_argument("--sgraf-loop-captions", type=int, default=50, help="time SGRAF's and LHSC's loops on this many captions")
     parser.add_argument("--lhsc-img-dim", type=int, default=2048, help="LHSC's raw region feature size (BUTD: 2048)")
     parser.add_argument("--lhsc-word-dim", type=int, default=300, help="LHSC's word embedding size")
+    parser.add_argument("--cefg-captions", type=int, default=100, help="CEFG runs on this many captions (slowest method)")
+    parser.add_argument("--cefg-loop-captions", type=int, default=10, help="time CEFG's loop on this many captions")
     parser.add_argument("--budget-mib", type=float, default=None, help="engine memory budget (default: the engine's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -445,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.captions, args.loop_captions = 100, 500, 100
         args.sgraf_captions, args.sgraf_loop_captions = min(args.sgraf_captions, 200), min(args.sgraf_loop_captions, 20)
+        args.cefg_captions, args.cefg_loop_captions = min(args.cefg_captions, 50), min(args.cefg_loop_captions, 5)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -465,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     gemm_peak = measure_gemm_gflops(args.dim, 256)
     rows: list[Row] = []
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = [part for m in methods for part in (("sgr", "saf") if m == "sgraf" else (m,))]
+    pairs = {"sgraf": ("sgr", "saf"), "cefg": ("cefg-sgr", "cefg-saf")}
+    methods = [part for m in methods for part in pairs.get(m, (m,))]
     for method in methods:
         if method in ("scan-t2i", "scan-i2t"):
             direction = method.split("-")[1]
@@ -486,8 +558,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_sgraf_row(method.upper(), args, images, captions, budget, generator, notes, gemm_peak))
         elif method == "lhsc":
             rows.append(_lhsc_row(args, captions.lengths, budget, generator, notes, gemm_peak))
+        elif method in ("cefg-sgr", "cefg-saf"):
+            rows.append(_cefg_row(method.split("-")[1].upper(), args, captions, budget, generator, notes, gemm_peak))
         else:
-            parser.error(f"--methods: expected scan-t2i, scan-i2t, sgr, saf, sgraf (both) or lhsc, found {method!r}")
+            parser.error(f"--methods: expected scan-t2i, scan-i2t, sgr, saf, sgraf (both), lhsc, cefg-sgr, cefg-saf "
+                         f"or cefg (both), found {method!r}")
     # a shared or frequency-scaling machine drifts by tens of percent: the yardstick is the best
     # GEMM rate seen before and after the runs, so the floor is never overstated
     gemm_start, gemm_end = gemm_peak, measure_gemm_gflops(args.dim, 256)
@@ -580,6 +655,33 @@ def calibrate_region_blocks(model, raw: Encoded, generator: torch.Generator, n: 
     model.image.eval()
     for block in model.image.graph.blocks:
         block.bn.momentum = 0.1
+
+
+
+
+def _cefg_row(module, args, captions, budget, generator, notes, gemm_peak) -> Row:
+    from itmkit.methods import cefg
+
+    cfg = cefg.CEFGConfig(module=module, img_dim=4, embed_size=args.dim, num_regions=args.regions)
+    model = cefg.CEFG(cfg, TextConfig(kind="bigru", word_dim=4), 8).eval()
+    n_cap = min(args.cefg_captions, len(captions))
+    caps = captions.slice(0, n_cap)
+    d, R2 = args.dim, 2 * args.regions
+    # the image side (context module, GRU) runs once per image at encode time: its outputs, the
+    # 2R enhanced regions and the global vector, are given to both, like SGRAF's global vectors
+    enhanced = unit_sets(args.images, np.full(args.images, R2), d, generator)
+    img_global = F.normalize(torch.randn(args.images, d, generator=generator), dim=-1)
+    cap_global = F.normalize(torch.randn(n_cap, d, generator=generator), dim=-1)
+    images_g = Encoded(enhanced.feats, enhanced.lengths, {"global": img_global})
+    caps_g = Encoded(caps.feats, caps.lengths, {"global": cap_global})
+    notes.append(f"cefg-{module.lower()}: random weights, d={d}, s={cfg.sim_dim}, {R2} enhanced regions, "
+                 f"{cfg.rcr_steps} regulator rounds, first {n_cap} captions")  # fmt: skip
+    flops = cefg_flops(module, caps.lengths.numpy(), args.images, R2, d, cfg.sim_dim, cfg.sgr_step, cfg.rcr_steps)
+    return compare(
+        f"cefg-{module.lower()}", model, images_g, caps_g,
+        lambda n: reference_loop_cefg(model, images_g, caps_g, n),
+        min(args.cefg_loop_captions, n_cap), budget, flops, gemm_peak,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

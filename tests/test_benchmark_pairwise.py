@@ -73,6 +73,30 @@ def test_lhsc_flop_count_by_hand(bench):
     assert per[0] == 136 + 112 + (6 * 2 * 9 + 4 * 4 * 3) + 672
 
 
+def test_cefg_loop_equals_the_engine_at_toy_sizes(bench, tmp_path):
+    out = tmp_path / "rows.json"
+    argv = ["--images", "5", "--captions", "12", "--dim", "32", "--regions", "6", "--cefg-captions", "12",
+            "--cefg-loop-captions", "6", "--methods", "cefg", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"cefg-sgr", "cefg-saf"}
+    for name, row in rows.items():
+        assert row["max_abs_diff"] < 1e-5, name
+        assert row["loop_extrapolated"] and row["loop_captions"] == 6
+        # the engine skips the last round's modulation MLP (and SGR's graph work): less arithmetic
+        assert 0 < row["engine_tflop"] < row["loop_tflop_full"]
+        assert row["speedup_bound"] == pytest.approx(row["loop_seconds_full"] / row["floor_seconds"])
+
+
+def test_cefg_flop_count_by_hand(bench):
+    # SAF, one image, L = 2 words, R2 = 2 enhanced regions, d = 4, s = 2, 3 rounds:
+    # SGRAF's SAF count 136 (test below); per round attention 4*2*2*4 = 64, local 2*2*4*2 = 32,
+    # temperature MLP 2*2*(2*1 + 1) = 12 -> 108; modulation L*d = 8 and its MLP 2*2*(2*4 + 4*4) = 96
+    ref, eng = bench.cefg_flops("SAF", np.array([2]), 1, R2=2, d=4, s=2, sgr_steps=3, rounds=3)
+    assert ref.tolist() == [136 + 3 * (108 + 8 + 96)]
+    assert eng.tolist() == [136 + 3 * 108 + 2 * (8 + 96)]
+
+
 def test_sgraf_flop_count_by_hand(bench):
     # one image, one caption of L = 2 words (P = 3 nodes), R = 2, d = 4, s = 2, 3 SGR steps:
     # common = attention 4*2*2*4 + local 2*2*4*2 + global 2*4*2 = 64 + 32 + 16 = 112

@@ -54,7 +54,10 @@ def test_every_method_file_is_registered_under_its_own_name():
 def test_every_registered_method_builds_a_scoring_model_from_its_smoke_preset(name):
     import torch
 
-    from itmkit.data.embedded import embedded_feature_dim
+    import numpy as np
+
+    from itmkit.data.embedded import embedded_dataset, embedded_feature_dim
+    from itmkit.data.precomp import PrecompSplit
     from itmkit.models.base import MatchingModel
 
     spec = get_method(name)
@@ -63,11 +66,14 @@ def test_every_registered_method_builds_a_scoring_model_from_its_smoke_preset(na
     torch.manual_seed(0)
     model = spec.build(cfg, vocab_size).eval()
     assert isinstance(model, MatchingModel)
-    images = torch.randn(3, 5, embedded_feature_dim("tiny"))  # smoke presets run on the tiny set
+    # smoke presets run on the tiny set, read as the method reads it (CEFG appends adjacency rows)
+    split, _ = model.prepare_data(PrecompSplit.open(embedded_dataset("tiny"), "test"), None)
+    images = torch.as_tensor(np.asarray(split.images[:3]), dtype=torch.float32)
+    assert images.shape[-1] >= embedded_feature_dim("tiny")
     low, high = (1000, 2000) if vocab_size is None else (4, vocab_size)
     tokens = torch.randint(low, high, (4, 6))
     with torch.no_grad():
-        img = model.encode_images(images, torch.tensor([5, 3, 4]))
+        img = model.encode_images(images, torch.full((3,), images.shape[1]))  # CEFG needs every region
         cap = model.encode_captions(tokens, torch.tensor([6, 4, 5, 3]))
         scores = model.similarity(img, cap)
     assert scores.shape == (3, 4) and torch.isfinite(scores).all()

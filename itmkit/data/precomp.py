@@ -116,6 +116,51 @@ def read_id_mapping(path: Path) -> dict[str, str]:
     return mapping
 
 
+class RegionColumns:
+    """Region features with extra per-region columns appended on read: ``[n, K, D + E]``.
+
+    Wraps a (memory-mapped) feature array ``[n, K, D]`` and an aligned ``[n, K, E]`` array; an
+    integer row reads ``[K, D + E]`` float32, a slice gives another lazy view, ``np.array(view)``
+    reads the rows. What :meth:`PrecompSplit.with_region_columns` puts in ``images``, so loaders
+    that read feature rows hand the extra columns to the model unchanged (CEFG's region adjacency,
+    cefg.md §3.4). ``name`` says what the columns are.
+    """
+
+    def __init__(self, features: np.ndarray, extra: np.ndarray, name: str) -> None:
+        if extra.ndim != 3 or tuple(extra.shape[:2]) != tuple(features.shape[:2]):
+            raise ValueError(
+                f"RegionColumns {name!r}: expected extra columns [n, K, E] with [n, K] = {tuple(features.shape[:2])}, "
+                f"found shape {tuple(extra.shape)}"
+            )
+        self.features, self.extra, self.name = features, extra, name
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n, k, d = self.features.shape
+        return n, k, d + self.extra.shape[2]
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return RegionColumns(self.features[key], self.extra[key], self.name)
+        parts = (np.asarray(self.features[key], dtype=np.float32), np.asarray(self.extra[key], dtype=np.float32))
+        return np.concatenate(parts, axis=-1)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = np.concatenate([np.asarray(self.features, dtype=np.float32), np.asarray(self.extra, dtype=np.float32)], -1)
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+
 @dataclass(frozen=True, eq=False)
 class PrecompSplit:
     """One split of a precomp folder, checked and memory-mapped (baselines.md §A.1).
@@ -125,6 +170,7 @@ class PrecompSplit:
         split: split name (``"train"``, ``"dev"``, ``"test"``, ``"testall"``).
         images: ``[n_rows, n_regions, dim]`` feature memmap; ``n_rows`` is ``n_images`` when
             ``im_div == 5`` and ``n_captions`` when an older release repeats each image 5 times.
+            After :meth:`with_region_columns`, a :class:`RegionColumns` view read the same way.
         captions: ``n_captions`` stripped captions; caption ``c`` belongs to image ``c // 5``.
         im_div: caption ``c`` reads feature row ``c // im_div`` (5 or 1, inferred from counts).
         image_ids: ``[n_images]`` int64 ids, or ``None`` without ``{split}_ids.txt``.
@@ -279,21 +325,32 @@ class PrecompSplit:
             )
         return self.subset(fold * images_per_fold, (fold + 1) * images_per_fold)
 
+    def with_region_columns(self, extra: np.ndarray, name: str) -> "PrecompSplit":
+        """This split with ``extra [n_rows, K, E]`` (aligned with the feature rows of this view)
+        appended to every region's features when read (:class:`RegionColumns`)."""
+        features = self.images.features if isinstance(self.images, RegionColumns) else self.images
+        return replace(self, images=RegionColumns(features, extra, name))
+
     def __getstate__(self) -> dict:
         # Pickling a memmap copies its data: DataLoader workers started with "spawn" (macOS,
-        # Windows) would each receive the whole array. Send the rows' location instead.
+        # Windows) would each receive the whole array. Send the rows' location instead (appended
+        # region columns travel by value).
         state = dict(self.__dict__)
+        columns = self.images if isinstance(self.images, RegionColumns) else None
         state["images"] = state["boxes"] = None
         state["has_boxes"] = self.boxes is not None
+        state["region_columns"] = None if columns is None else (columns.extra, columns.name)
         return state
 
     def __setstate__(self, state: dict) -> None:
         has_boxes = state.pop("has_boxes")
+        columns = state.pop("region_columns", None)
         self.__dict__.update(state)
         first, stop = self.image_range
         step = CAPTIONS_PER_IMAGE // self.im_div
         rows = slice(first * step, stop * step)
-        self.__dict__["images"] = load_array(self.root / f"{self.split}_ims.npy", "region features")[rows]
+        images = load_array(self.root / f"{self.split}_ims.npy", "region features")[rows]
+        self.__dict__["images"] = images if columns is None else RegionColumns(images, *columns)
         if has_boxes:
             self.__dict__["boxes"] = load_array(self.root / f"{self.split}_boxes.npy", "boxes")[rows]
 

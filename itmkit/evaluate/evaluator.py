@@ -56,6 +56,7 @@ def encode_split(
     The model's train/eval mode is restored afterwards.
     """
     device = torch.device(device) if device is not None else _model_device(model)
+    split, pipeline = model.prepare_data(split, pipeline)
     was_training = model.training
     model.eval()
     try:

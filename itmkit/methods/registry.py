@@ -23,6 +23,7 @@ METHOD_MODULES: dict[str, str] = {
     "esl": "itmkit.methods.esl",
     "hrem": "itmkit.methods.hrem",
     "lhsc": "itmkit.methods.lhsc",
+    "cefg": "itmkit.methods.cefg",
 }
 
 

@@ -16,7 +16,7 @@ their similarity matrices (§4): train both, then
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from itmkit.checkpoints import check_converted, open_reference_checkpoint, opt_value, reference_dataset, strip_prefix
+from itmkit.checkpoints import (
+    apply_reference_recipe,
+    check_converted,
+    open_reference_checkpoint,
+    opt_value,
+    reference_dataset,
+    strip_prefix,
+)
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
 from itmkit.data.embedded import embedded_feature_dim
@@ -352,29 +359,60 @@ def config_from_reference(
     for name, part, key in required[2:] if similarity_only else required:
         if key not in part:
             raise KeyError(f"SGRAF checkpoint {name}: expected key {key!r}, found keys {sorted(part)[:8]}...")
+    num_regions = int(sim["v_global_w.embedding_local.1.weight"].shape[0])
+    return SGRAFConfig(**reference_config_fields(img, txt, sim, opt, "SGRAF"), num_regions=num_regions)
+
+
+def reference_config_fields(
+    img: Mapping[str, Tensor], txt: Mapping[str, Tensor], sim: Mapping[str, Tensor], opt: Any, method: str
+) -> dict[str, Any]:
+    """The config fields every SGRAF-family checkpoint determines the same way: ``module`` from the
+    ``SGR_module.*`` / ``SAF_module.*`` keys (checked against ``opt.module_name`` when present),
+    sizes from the tensors, the switches from ``opt``. ``method`` names the checkpoint in errors."""
     sgr = sorted({int(k.split(".")[1]) for k in sim if k.startswith("SGR_module.")})
     module = "SGR" if sgr else "SAF" if any(k.startswith("SAF_module.") for k in sim) else None
     if module is None:
-        raise KeyError("SGRAF checkpoint sim_enc: expected SGR_module.* or SAF_module.* keys, found neither")
+        raise KeyError(f"{method} checkpoint sim_enc: expected SGR_module.* or SAF_module.* keys, found neither")
     declared = opt_value(opt, "module_name")
     if declared is not None and declared != module:
-        raise ValueError(f"SGRAF checkpoint opt.module_name: expected {module!r} (from the keys), found {declared!r}")
+        raise ValueError(f"{method} checkpoint opt.module_name: expected {module!r} (from the keys), found {declared!r}")
     if "fc.weight" in img:
         embed_size, img_dim = img["fc.weight"].shape
     else:  # similarity only: sim_tranloc_w is Linear(embed_size, sim_dim)
         embed_size, img_dim = sim["sim_tranloc_w.weight"].shape[1], SGRAFConfig.img_dim
-    return SGRAFConfig(
-        module=module,
-        img_dim=int(img_dim),
-        embed_size=int(embed_size),
-        sim_dim=int(sim["sim_tranloc_w.weight"].shape[0]),
-        num_regions=int(sim["v_global_w.embedding_local.1.weight"].shape[0]),
-        sgr_step=len(sgr) if sgr else int(opt_value(opt, "sgr_step", 3)),
-        bi_gru=any(k.endswith("_reverse") for k in txt) if txt else SGRAFConfig.bi_gru,
-        num_layers=int(opt_value(opt, "num_layers", 1)),
-        no_imgnorm=bool(opt_value(opt, "no_imgnorm", False)),
-        no_txtnorm=bool(opt_value(opt, "no_txtnorm", False)),
-    )
+    return {
+        "module": module,
+        "img_dim": int(img_dim),
+        "embed_size": int(embed_size),
+        "sim_dim": int(sim["sim_tranloc_w.weight"].shape[0]),
+        "sgr_step": len(sgr) if sgr else int(opt_value(opt, "sgr_step", 3)),
+        "bi_gru": any(k.endswith("_reverse") for k in txt) if txt else SGRAFConfig.bi_gru,
+        "num_layers": int(opt_value(opt, "num_layers", 1)),
+        "no_imgnorm": bool(opt_value(opt, "no_imgnorm", False)),
+        "no_txtnorm": bool(opt_value(opt, "no_txtnorm", False)),
+    }
+
+
+def read_reference_parts(source: str | Path | Mapping[str, Any]) -> tuple[str, list[Mapping[str, Tensor]], Any]:
+    """``(label, [img_enc, txt_enc, sim_enc], opt)`` of a checkpoint as the SGRAF-family ``train.py``
+    saves it (``{'model': [...], 'opt': ..., 'epoch': ...}``; a path or the loaded dict)."""
+    name, checkpoint = open_reference_checkpoint(source)
+    parts = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(parts, (list, tuple)):
+        raise ValueError(f"{name}: field 'model': expected a list [img_enc, txt_enc, sim_enc], found {type(parts).__name__}")
+    return name, list(parts), checkpoint.get("opt")
+
+
+def use_reference_text(run_cfg: RunConfig, parts: list[Mapping[str, Tensor]], dataset: str) -> int:
+    """Set ``run_cfg.text`` for a reference bi-GRU (word dim from ``txt_enc.embed.weight``, SCAN's
+    vocabulary of ``dataset`` when :func:`itmkit.paths.scan_text_dir` has it: ids must match the
+    embedding rows); returns the model's id count (the reference vocabulary + itmkit's ``<mask>``)."""
+    embed = strip_prefix(dict(parts[1]))["embed.weight"]
+    run_cfg.text = dataclasses.replace(run_cfg.text, word_dim=int(embed.shape[1]))
+    vocab = scan_text_dir() / "vocab" / f"{dataset}_precomp_vocab.json"
+    if vocab.is_file():
+        run_cfg.text.vocab_path = str(vocab)
+    return int(embed.shape[0]) + 1
 
 
 def convert_checkpoint(
@@ -397,29 +435,43 @@ def convert_checkpoint(
         of that dataset when :func:`itmkit.paths.scan_text_dir` has it (ids must match the
         embedding rows). ``opt``'s cluster paths are ignored.
     """
-    name, checkpoint = open_reference_checkpoint(source)
-    parts = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(parts, (list, tuple)):
-        raise ValueError(f"{name}: field 'model': expected a list [img_enc, txt_enc, sim_enc], found {type(parts).__name__}")
-    opt = checkpoint.get("opt")
-    if len(parts) != 3:
-        raise ValueError(f"SGRAF checkpoint 'model': expected [img_enc, txt_enc, sim_enc], found {len(parts)} state dicts")
-    model_cfg = config_from_reference(list(parts), opt, similarity_only)
-    dataset = reference_dataset(opt)
-    run_cfg = paper_preset(dataset, model_cfg.module)
-    run_cfg.model = model_cfg
-    run_cfg.preset = f"paper-{dataset}-{model_cfg.module.lower()}"
     if similarity_only:
+        name, parts, opt = read_reference_parts(source)
+        if len(parts) != 3:
+            raise ValueError(f"SGRAF checkpoint 'model': expected [img_enc, txt_enc, sim_enc], found {len(parts)} state dicts")
+        model_cfg = config_from_reference(parts, opt, similarity_only=True)
+        dataset = reference_dataset(opt)
+        run_cfg = paper_preset(dataset, model_cfg.module)
+        run_cfg.model = model_cfg
+        run_cfg.preset = f"paper-{dataset}-{model_cfg.module.lower()}"
         state = {f"sim.{k}": v for k, v in strip_prefix(dict(parts[2])).items()}
         check_converted(SGRAF(model_cfg, run_cfg.text, 2).sim, strip_prefix(state, "sim."), name, "SGRAF similarity")
         return run_cfg, state
-    txt = strip_prefix(dict(parts[1]))
-    run_cfg.text = dataclasses.replace(run_cfg.text, word_dim=int(txt["embed.weight"].shape[1]))
-    vocab = scan_text_dir() / "vocab" / f"{dataset}_precomp_vocab.json"
-    if vocab.is_file():
-        run_cfg.text.vocab_path = str(vocab)
-    state = reference_state_to_itmkit(list(parts))
-    check_converted(SGRAF(model_cfg, run_cfg.text, int(txt["embed.weight"].shape[0]) + 1), state, name, "SGRAF")
+    return convert_family_checkpoint(source, "SGRAF", config_from_reference, paper_preset, reference_state_to_itmkit, SGRAF)
+
+
+def convert_family_checkpoint(
+    source: str | Path | Mapping[str, Any], method: str, config_from_parts: Callable[..., Any],
+    preset: Callable[[str, str], RunConfig], state_from_parts: Callable[..., dict[str, Tensor]],
+    model_cls: Callable[..., MatchingModel], recipe: Mapping[str, tuple[str, Any]] | None = None,
+) -> tuple[RunConfig, dict[str, Tensor]]:
+    """The import every SGRAF-family ``train.py`` checkpoint shares (``{'model': [img_enc, txt_enc,
+    sim_enc], 'opt', ...}``): ``config_from_parts(parts, opt)`` -> the model config,
+    ``preset(dataset, module)`` -> the run config (dataset from ``opt.data_name``), ``recipe``
+    (optional) copies ``opt``'s training settings (:func:`itmkit.checkpoints.apply_reference_recipe`),
+    the bi-GRU text settings from the embedding, ``state_from_parts(parts)`` -> the state dict,
+    checked against a fresh ``model_cls(config, text, vocab_size)``."""
+    name, parts, opt = read_reference_parts(source)
+    model_cfg = config_from_parts(parts, opt)
+    dataset = reference_dataset(opt)
+    run_cfg = preset(dataset, model_cfg.module)
+    run_cfg.model = model_cfg
+    run_cfg.preset = f"paper-{dataset}-{model_cfg.module.lower()}"
+    if recipe is not None:
+        apply_reference_recipe(run_cfg.train, opt, recipe)
+    vocab_size = use_reference_text(run_cfg, parts, dataset)
+    state = state_from_parts(parts)
+    check_converted(model_cls(model_cfg, run_cfg.text, vocab_size), state, name, method)
     return run_cfg, state
 
 

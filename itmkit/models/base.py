@@ -15,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from itmkit.encoded import Encoded
+
+if TYPE_CHECKING:
+    from itmkit.data.precomp import PrecompSplit
 
 # The standard names of Explanation.parts, so that one figure serves every method that has the
 # quantity. Methods add their own keys beside these (documented in their ``explain``).
@@ -122,6 +125,16 @@ class MatchingModel(nn.Module):
         """The similarity's per-caption part: word embeddings as the text encoder outputs them
         (``[n, L, d]``, ``lengths [n]``) -> the :class:`Encoded` :meth:`similarity` reads."""
         return Encoded(words, lengths.to(words.device))
+
+    def prepare_data(self, split: "PrecompSplit", pipeline: Any) -> tuple["PrecompSplit", Any]:
+        """The split and text pipeline as this model's encoders read them; unchanged by default.
+
+        The trainer and :func:`itmkit.evaluate.evaluator.encode_split` pass every split through
+        here before reading it, so a method that needs more than region features and caption
+        ids gets them through the same loaders (CEFG appends each region's spatial adjacency
+        row to its features, cefg.md §3.4). Must be idempotent (a prepared split passes again).
+        """
+        return split, pipeline
 
     def score_block(self, images: Encoded, captions: Encoded) -> Tensor:
         """Pairwise methods: ``[n_img_block, n_cap_block]`` scores for every combination.

@@ -85,6 +85,13 @@ class VisualSelfAttention(nn.Module):
         Masked regions are left out of the mean and the softmax (they still pass through the
         per-index BatchNorm, whose statistics in train mode then include them, as padded rows do
         in VSE∞'s BatchNorm; with the reference's fixed 36 regions there is no padding)."""
+        weights = _masked_softmax(self.attention_logits(regions, region_mask), region_mask, dim=1)
+        # the weights pool the *input* regions, not the transformed ``local`` (§3.3 a)
+        return l2norm((weights[..., None] * regions).sum(1), dim=-1, eps=NORM_EPS)
+
+    def attention_logits(self, regions: Tensor, region_mask: Tensor | None = None) -> Tensor:
+        """The raw pooling logits ``W_c (l * g) + b_c`` ``[n, R]`` before the softmax (CEFG's
+        neighbourhood gather reuses them, cefg.md §3.3 a-b)."""
         if regions.shape[1] != self.num_regions:
             raise ValueError(
                 f"VisualSelfAttention: regions axis: expected {self.num_regions} regions "
@@ -97,10 +104,7 @@ class VisualSelfAttention(nn.Module):
             mean = (regions * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
         local = self.embedding_local(regions)
         glob = self.embedding_global(mean)
-        logits = self.embedding_common(local * glob[:, None, :]).squeeze(-1)
-        weights = _masked_softmax(logits, region_mask, dim=1)
-        # the weights pool the *input* regions, not the transformed ``local`` (§3.3 a)
-        return l2norm((weights[..., None] * regions).sum(1), dim=-1, eps=NORM_EPS)
+        return self.embedding_common(local * glob[:, None, :]).squeeze(-1)
 
 
 class TextSelfAttention(nn.Module):
@@ -129,7 +133,7 @@ class TextSelfAttention(nn.Module):
 
 def t2i_attention(
     regions: Tensor, words: Tensor, word_mask: Tensor, region_mask: Tensor | None = None,
-    smooth: float = ATTENTION_SMOOTH, normalise: bool = True,
+    smooth: float | Tensor = ATTENTION_SMOOTH, normalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """SGRAF's local alignment (§3.3 c) for every (image, caption) pair of a block.
 
@@ -138,8 +142,10 @@ def t2i_attention(
     attended region mix per word, then l2-normalised (SGRAF's addition; SCAN does not).
 
     Args:
-        regions: ``[n, R, d]``; words: ``[c, L, d]`` with padded positions already zero;
-        word_mask: ``[c, L]`` bool; region_mask: ``[n, R]`` bool or None (all valid).
+        regions: ``[n, R, d]``; words: ``[c, L, d]`` with padded positions already zero, or
+            ``[n, c, L, d]`` when every image has its own queries (CEFG's regulated words,
+            cefg.md §3.3 f); word_mask: ``[c, L]`` bool; region_mask: ``[n, R]`` bool or None.
+        smooth: the inverse temperature, a number or ``[n, c, L]`` (one per word of every pair).
         normalise: False skips the final l2 norm (the caller fuses it, see
             :func:`local_similarity`).
 
@@ -147,9 +153,13 @@ def t2i_attention(
         ``(attended [n, c, L, d], attention [n, c, R, L])`` (attention sums to 1 over ``R``).
     """
     n, R, d = regions.shape
-    c, L, _ = words.shape
-    # one GEMM for the whole block: [n*R, d] x [d, c*L]
-    scores = (regions.reshape(n * R, d) @ words.reshape(c * L, d).t()).view(n, R, c, L)
+    c, L = words.shape[-3:-1]
+    if words.dim() == 4:  # per-image queries: one [R, d] x [d, c*L] product per image
+        scores = torch.bmm(regions, words.reshape(n, c * L, d).transpose(1, 2)).view(n, R, c, L)
+    else:  # one GEMM for the whole block: [n*R, d] x [d, c*L]
+        scores = (regions.reshape(n * R, d) @ words.reshape(c * L, d).t()).view(n, R, c, L)
+    if isinstance(smooth, Tensor):
+        smooth = smooth[:, None]  # [n, 1, c, L]: broadcast over the regions
     weights = attention_weights(
         scores, "clipped_l2norm", smooth, query_dim=3, context_dim=1,
         query_mask=word_mask[None, None],
@@ -372,12 +382,21 @@ class SimilarityEncoder(nn.Module):
             details["attended"] = l2norm(attended, dim=-1, eps=NORM_EPS)
         local = l2norm(local_similarity(attended, words, self.sim_tranloc_w), dim=-1, eps=NORM_EPS)
         del attended
+        if details is not None:
+            details["attention"] = attention
+        return self.graph_nodes(self.global_node(image_global, caption_global), local, word_mask, details)
+
+    def global_node(self, image_global: Tensor, caption_global: Tensor) -> Tensor:
+        """§3.3 d, global: ``l2norm(W_glo (img_glo - cap_glo)^2 + b)`` for every pair -> ``[n, c, s]``."""
         glob_diff = (image_global[:, None, :] - caption_global[None, :, :]).square()
-        glob = l2norm(self.sim_tranglo_w(glob_diff), dim=-1, eps=NORM_EPS)
+        return l2norm(self.sim_tranglo_w(glob_diff), dim=-1, eps=NORM_EPS)
+
+    def graph_nodes(self, glob: Tensor, local: Tensor, word_mask: Tensor, details: dict | None = None) -> Tensor:
+        """``glob [n, c, s]`` and ``local [n, c, L, s]`` -> the nodes ``[n, c, L+1, s]`` (node 0
+        global), zero at padded words."""
         nodes = torch.cat([glob[:, :, None, :], local], dim=2)
         nodes = _zero_padded(nodes, self.node_mask(word_mask)[None, :, :, None])
         if details is not None:
-            details["attention"] = attention
             details["nodes"] = nodes
         return nodes
 

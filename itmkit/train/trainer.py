@@ -233,7 +233,7 @@ def train(
         save_checkpoint(ckpt_path, checkpoint_payload())
         write_csv(out / "steps.csv", pd.DataFrame(state.step_log, columns=["epoch", "step", "loss", "lr"]))
 
-    dataset = PairDataset(train_split, pipeline, train=True, region_drop=run_cfg.data.region_drop,
+    dataset = PairDataset(*model.prepare_data(train_split, pipeline), train=True, region_drop=run_cfg.data.region_drop,
                           caption_augment=run_cfg.data.caption_augment, seed=tcfg.seed)  # fmt: skip
     n_steps = steps_per_epoch(len(dataset), tcfg.batch_size)
     steps_this_call = 0
