@@ -15,7 +15,7 @@ from itmkit.config import RunConfig, config_from_dict
 from itmkit.methods.registry import get_method
 from itmkit.models.base import MatchingModel
 from itmkit.runtime import pick_device
-from itmkit.train.checkpoint import load_checkpoint
+from itmkit.train.checkpoint import load_checkpoint, load_model_weights
 from itmkit.train.pipeline_state import pipeline_from_description
 
 
@@ -50,7 +50,9 @@ def load_run(path_or_ckpt: str | Path, device: str | torch.device | None = None)
     """``(model in eval mode on device, run_cfg, text pipeline)`` from a run dir or checkpoint.
 
     ``device=None`` picks cuda / mps / cpu. Weights load strictly: a checkpoint that does not
-    fit the model its config builds raises with the offending key names.
+    fit the model its config builds raises ``ValueError`` naming each missing, unexpected or
+    misshaped key (with the expected and the found shape); NaN or Inf weights raise naming the
+    tensor; a damaged file fails its integrity check (:func:`~itmkit.train.checkpoint.load_checkpoint`).
     """
     ckpt_path = resolve_checkpoint(path_or_ckpt)
     ckpt = load_checkpoint(ckpt_path)
@@ -60,9 +62,6 @@ def load_run(path_or_ckpt: str | Path, device: str | torch.device | None = None)
     run_cfg = config_from_run_dict(ckpt["config"], str(ckpt_path))
     pipeline = pipeline_from_description(ckpt["text_pipeline"], str(ckpt_path))
     model = get_method(run_cfg.method).build(run_cfg, pipeline.vocab_size)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_path}: field 'model': state dict does not fit {type(model).__name__}; "
-                         f"missing keys {list(missing)[:10]}, unexpected keys {list(unexpected)[:10]}")
+    load_model_weights(model, ckpt["model"], ckpt_path)
     target = pick_device("auto" if device is None else str(device))
     return model.to(target).eval(), run_cfg, pipeline

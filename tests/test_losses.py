@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from itmkit.config import TrainConfig
-from itmkit.losses import hinge_collapsed, hinge_triplet_loss, same_image_mask, use_max_violation
+from itmkit.losses import hinge_triplet_loss, same_image_mask, use_max_violation
 
 # Row = image, column = caption. With m = 0.2 (worked by hand):
 # cost_s (captions as negatives): row 1: j0 0.2+0.5-0.6 = 0.1, j2 0.2+0.7-0.6 = 0.3; rows 0, 2: 0.
@@ -89,18 +89,9 @@ def test_sum_mode_warm_up_schedule():
     assert use_max_violation(0, TrainConfig(max_violation=True, sum_warmup_epochs=0))
 
 
-def test_collapsed_scores_cost_two_margins_per_pair_and_are_detected():
+def test_a_constant_batch_costs_two_margins_per_pair():
+    # what every score alike does to the hardest-negative loss (collapse is detected from the
+    # scores' spread, itmkit.evaluate.collapse, not from this value: healthy epochs sit near it too)
     B, m = 8, 0.2
     flat = float(hinge_triplet_loss(torch.full((B, B), 0.37), margin=m, max_violation=True))
     assert flat == pytest.approx(2 * B * m)
-    # 5 full batches of 8
-    assert hinge_collapsed(flat, n_items=5 * B, batch_size=B, margin=m)
-    # 43 pairs: 5 batches of 8 and one of 3 -> mean (5 * 2*8*m + 2*3*m) / 6
-    short = (5 * flat + float(hinge_triplet_loss(torch.full((3, 3), 0.5), margin=m, max_violation=True))) / 6
-    assert hinge_collapsed(short, n_items=43, batch_size=B, margin=m)
-    # a batch of one has no negative: 41 pairs -> (5 * 2*8*m + 0) / 6
-    assert hinge_collapsed(5 * flat / 6, n_items=41, batch_size=B, margin=m)
-    # positives ahead by more than the margin: loss 0, not collapse; 2 % off is not collapse either
-    ranked = float(hinge_triplet_loss(torch.eye(B) * 0.5 + 0.1, margin=m, max_violation=True))
-    assert ranked == 0 and not hinge_collapsed(ranked, 5 * B, B, m)
-    assert not hinge_collapsed(flat * 1.02, 5 * B, B, m) and not hinge_collapsed(flat * 0.98, 5 * B, B, m)
