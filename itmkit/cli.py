@@ -5,7 +5,7 @@
     itmkit train --method vse_infty --preset course [--data DIR] [--out DIR] [--set train.epochs=3]
     itmkit eval runs/x/model_best.pt [--data DIR] [--split test] [--protocol coco-5fold-1k] [--out DIR]
     itmkit ensemble a/sims.npy b/sims.npy --protocol coco-5fold-1k coco-5k [--weights 1 1]
-    itmkit data verify DIR                           check a precomp folder, one row per split
+    itmkit data verify DIR                           check a precomp folder (layout and NaN/Inf values)
     itmkit data build-embedded --preset course       build (or find) the embedded data set
 
 Every subcommand has ``--help``. Errors print one line naming what was wrong and exit 1.
@@ -137,7 +137,7 @@ def cmd_ensemble(args) -> int:
 def cmd_data_verify(args) -> int:
     from itmkit.data.precomp import verify_precomp
 
-    table = verify_precomp(args.folder)
+    table = verify_precomp(args.folder, check_values=not args.no_values)
     _print_table(table)
     return 0 if (table["status"] == "ok").all() else 1
 
@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools: verify, build-embedded")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    q = data_sub.add_parser("verify", help="check every split of a precomp folder")
+    q = data_sub.add_parser("verify", help="check every split of a precomp folder, NaN/Inf feature values included")
     q.add_argument("folder")
+    q.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan (it reads every feature value)")
     q.set_defaults(func=cmd_data_verify)
     q = data_sub.add_parser("build-embedded", help="build (or reuse) the embedded data set and print its folder")
     q.add_argument("--preset", default="course", choices=["tiny", "course"])

@@ -96,3 +96,15 @@ def test_module_entry_point_help():
     assert done.returncode == 0
     for command in ("train", "eval", "ensemble", "methods", "data"):
         assert command in done.stdout
+
+
+def test_data_verify_finds_a_nan_region(data_dir, tmp_path, capsys):
+    import shutil
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(data_dir, poisoned)
+    feats = np.load(poisoned / "test_ims.npy")
+    feats[2, 0, 5] = np.nan
+    np.save(poisoned / "test_ims.npy", feats)
+    assert main(["data", "verify", str(poisoned)]) == 1
+    assert "test_ims.npy: row 2, region 0, dim 5: expected finite region features, found nan" in capsys.readouterr().out

@@ -440,3 +440,20 @@ def test_version_1_checkpoints_load_without_the_integrity_check(toy_method, fini
     torch.save(no_digest, tmp_path / "stripped.pt")
     with pytest.raises(ValueError, match=r"stripped\.pt: field 'integrity': expected the sha256 digests"):
         load_checkpoint(tmp_path / "stripped.pt")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_nan_region_in_the_features_stops_training_naming_file_and_row(toy_method, data_dir, tmp_path, split):
+    import shutil
+
+    from itmkit.data.errors import DataFormatError
+
+    poisoned = tmp_path / "data"
+    shutil.copytree(data_dir, poisoned)
+    feats = np.load(poisoned / f"{split}_ims.npy")
+    feats[3, 1, 0] = np.nan  # one region of one image (used to give dev and test rsum 600)
+    np.save(poisoned / f"{split}_ims.npy", feats)
+    cfg = toy_config(poisoned, **{"train.epochs": 1})
+    with pytest.raises(DataFormatError, match=rf"{split}_ims\.npy: row 3, region 1, dim 0: expected finite region "
+                                              "features, found nan"):
+        train(cfg, tmp_path / "run", progress=False)
