@@ -61,6 +61,13 @@ def hinge_triplet_loss(
 
 
 def use_max_violation(epoch: int, train_cfg: "TrainConfig") -> bool:
-    """Whether epoch ``epoch`` (0-based) uses hardest negatives: VSE∞ trains the first
-    ``sum_warmup_epochs`` epochs in sum mode, then max-violation (checked per epoch, §B.5)."""
-    return bool(train_cfg.max_violation) and epoch >= train_cfg.sum_warmup_epochs
+    """Whether epoch ``epoch`` (0-based) uses hardest negatives: the reference rule (§B.5),
+    ``max_violation or epoch >= sum_warmup_epochs``.
+
+    VSE∞'s ``train.py`` switches hardest negatives on at the start of every epoch from
+    ``vse_mean_warmup_epochs`` on, and ``--max_violation`` turns them on from the first step;
+    so ``train.max_violation`` is that flag (off in the VSE∞ recipes, whose one sum-mode epoch
+    comes from ``sum_warmup_epochs = 1``) and sum mode throughout needs
+    ``sum_warmup_epochs >= epochs``.
+    """
+    return bool(train_cfg.max_violation) or epoch >= train_cfg.sum_warmup_epochs

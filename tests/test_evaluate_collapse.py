@@ -75,3 +75,18 @@ def test_a_healthy_model_at_the_old_loss_threshold_is_not_collapsed():
     assert loss == pytest.approx(2 * m * B)  # the value the loss-based rule called "collapsed"
     assert not score_spread(S).collapsed
     assert recall_metrics(S, captions_per_image=1)["t2i_r5"] == 100.0
+
+
+def test_nearly_collapsed_is_a_wider_tier_that_keeps_the_order():
+    from itmkit.evaluate.collapse import NEAR_COLLAPSE_RTOL
+    from itmkit.evaluate.metrics import recall_metrics
+
+    rng = np.random.default_rng(4)
+    S = rng.normal(size=(20, 100))
+    S[np.arange(100) // 5, np.arange(100)] += 3.0
+    S /= S.std()
+    squeezed = 0.6 + 0.2 * NEAR_COLLAPSE_RTOL * S  # ratio ~ 0.2 * 1e-3 / 0.6
+    spread = score_spread(squeezed)
+    assert spread.nearly_collapsed and not spread.collapsed
+    assert recall_metrics(squeezed)["rsum"] == pytest.approx(recall_metrics(S)["rsum"])
+    assert not score_spread(0.6 + 5 * NEAR_COLLAPSE_RTOL * S).nearly_collapsed

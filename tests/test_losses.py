@@ -82,11 +82,17 @@ def test_bad_shapes_raise():
         hinge_triplet_loss(torch.zeros(3, 3), positives=torch.zeros(2, 2, dtype=torch.bool))
 
 
-def test_sum_mode_warm_up_schedule():
-    cfg = TrainConfig(max_violation=True, sum_warmup_epochs=1)
-    assert [use_max_violation(e, cfg) for e in range(3)] == [False, True, True]
-    assert not any(use_max_violation(e, TrainConfig(max_violation=False)) for e in range(3))
-    assert use_max_violation(0, TrainConfig(max_violation=True, sum_warmup_epochs=0))
+def test_hardest_negatives_follow_the_reference_rule_flag_or_warm_up():
+    # VSE∞ train.py: `if epoch >= vse_mean_warmup_epochs: max_violation = True` on top of the flag
+    def schedule(flag, warmup, epochs=4):
+        return [use_max_violation(e, TrainConfig(max_violation=flag, sum_warmup_epochs=warmup)) for e in range(epochs)]
+
+    assert schedule(False, 1) == [False, True, True, True]  # the recipes: one sum-mode epoch
+    assert schedule(True, 1) == [True] * 4  # --max_violation: hardest negatives from the first step
+    assert schedule(False, 2) == [False, False, True, True]
+    assert schedule(False, 0) == [True] * 4
+    assert schedule(False, 4) == [False] * 4  # sum mode throughout
+    assert TrainConfig().max_violation is False and TrainConfig().sum_warmup_epochs == 1
 
 
 def test_a_constant_batch_costs_two_margins_per_pair():

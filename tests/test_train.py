@@ -457,3 +457,20 @@ def test_a_nan_region_in_the_features_stops_training_naming_file_and_row(toy_met
     with pytest.raises(DataFormatError, match=rf"{split}_ims\.npy: row 3, region 1, dim 0: expected finite region "
                                               "features, found nan"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_nearly_collapsed_epochs_warn_but_stay_candidates(toy_method, data_dir, tmp_path, monkeypatch):
+    from itmkit.evaluate.collapse import ScoreCollapseWarning
+
+    original = ToyModel.similarity
+
+    def squeezed(self, images, captions, **kw):  # dev scores squeezed around 0.5, order kept
+        scores = original(self, images, captions, **kw)
+        return 0.5 + 2e-4 * scores if (not self.training and len(images) == 12) else scores
+
+    monkeypatch.setattr(ToyModel, "similarity", squeezed)
+    with pytest.warns(ScoreCollapseWarning, match=r"epoch 2: the dev scores have nearly collapsed \(std"):
+        result = train(toy_config(data_dir), tmp_path / "run", progress=False)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert not log["collapsed"].any() and (log["score_spread"] < 1e-3).all() and (log["score_spread"] > 1e-5).all()
+    assert result.finished and result.best_epoch == int(log["rsum"].idxmax()) + 1

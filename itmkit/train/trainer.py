@@ -30,9 +30,10 @@ A broken model never looks good (docs/training_and_evaluation.md, "Failures"):
   before the step is applied; ``checkpoint.pt`` keeps the last good state (weights are
   checked finite before every save);
 - non-finite dev scores stop it the same way;
-- collapsed dev scores (every score alike, :mod:`itmkit.evaluate.collapse`) are detected
-  after every epoch: :class:`ScoreCollapseWarning`, ``collapsed = True`` in ``log.csv``, and
-  that epoch is never selected as the best; a run without one usable epoch ends with
+- the dev scores' spread is measured after every epoch (``score_spread`` = std / max |score|
+  in ``log.csv``, :mod:`itmkit.evaluate.collapse`): collapsed scores (every score alike) give a
+  :class:`ScoreCollapseWarning` and ``collapsed = True``, and that epoch is never selected as the
+  best; nearly collapsed ones a warning only. A run without one usable epoch ends with
   :class:`NoUsableEpochError` instead of a ``model_best.pt``.
 """
 
@@ -82,8 +83,8 @@ RESUMABLE_CHANGES = {
     "data.num_workers",
 }  # fmt: skip
 
-LOG_COLUMNS = ["epoch", "step", "loss", "lr", "max_violation", *[m for m in METRIC_NAMES], "collapsed",
-               "epoch_seconds", "seconds"]  # fmt: skip
+LOG_COLUMNS = ["epoch", "step", "loss", "lr", "max_violation", *[m for m in METRIC_NAMES], "score_spread",
+               "collapsed", "epoch_seconds", "seconds"]  # fmt: skip
 STEP_COLUMNS = ["epoch", "step", "loss", "lr"]
 
 ADVICE = ("Lower train.lr (or check the features with `itmkit data verify`), then start over in a new --out "
@@ -339,7 +340,7 @@ def train(
         row = {"epoch": epoch + 1, "step": state.global_step,
                "loss": state.epoch_loss_sum / max(1, state.epoch_loss_count), "lr": lr,
                "max_violation": max_violation, **{m: float(dev_metrics[m]) for m in METRIC_NAMES},
-               "collapsed": spread.collapsed,
+               "score_spread": spread.relative, "collapsed": spread.collapsed,
                "epoch_seconds": state.seconds - state.epoch_start_seconds, "seconds": state.seconds}  # fmt: skip
         state.history.append(row)
         if spread.collapsed:
@@ -350,7 +351,15 @@ def train(
                 "docs/training_and_evaluation.md",
                 ScoreCollapseWarning, stacklevel=2,
             )
-        elif row["rsum"] > state.best_rsum:
+        elif spread.nearly_collapsed:
+            warnings.warn(
+                f"{out}: epoch {epoch + 1}: the dev scores have nearly collapsed ({spread.describe()}): every score "
+                "is squeezed towards one value, as hardest negatives do when they start before the model ranks "
+                "well. If dev rsum stays low, start hardest negatives later (train.sum_warmup_epochs) or lower "
+                "train.lr; see docs/training_and_evaluation.md",
+                ScoreCollapseWarning, stacklevel=2,
+            )
+        if not spread.collapsed and row["rsum"] > state.best_rsum:
             state.best_rsum, state.best_epoch = row["rsum"], epoch + 1
             save_checkpoint(best_path, {"model": model.state_dict(), "config": _config_dict(run_cfg),
                                         "text_pipeline": pipeline_description, "epoch": epoch + 1,
