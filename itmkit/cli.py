@@ -117,7 +117,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
     result = evaluate_model(model, data_dir, args.split, pipeline, protocol=args.protocol, out_dir=out,
                             batch_size=args.batch_size, max_captions=args.max_captions,
-                            progress=not args.quiet)  # fmt: skip
+                            progress=not args.quiet, score_dtype="float64" if args.float64 else "float32")  # fmt: skip
     _print_table(result.summary)
     print(f"saved metrics.csv, metrics.json and sims.npy in {out}")
     return 0
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-captions", type=int, help="only the first N captions (dev validation uses 5000)")
+    p.add_argument("--float64", action="store_true",
+                   help="score in float64 as the references do (exact reproduction; default float32, half the memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

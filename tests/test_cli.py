@@ -59,6 +59,13 @@ def test_train_eval_ensemble(data_dir, tmp_path, capsys):
     assert ens["rsum"].iloc[0] == pytest.approx(metrics["rsum"].iloc[0])
     np.testing.assert_allclose(np.load(tmp_path / "ens" / "sims.npy"), np.load(sims), rtol=1e-6)
 
+    # --float64: the references' precision; the saved matrix is float64, close to the float32 one
+    assert main(["eval", str(run / "model_best.pt"), "--data", str(data_dir), "--out", str(tmp_path / "ev64"),
+                 "--device", "cpu", "--quiet", "--float64"]) == 0  # fmt: skip
+    sims64 = np.load(tmp_path / "ev64" / "sims.npy")
+    assert sims64.dtype == np.float64 and np.load(sims).dtype == np.float32
+    np.testing.assert_allclose(sims64, np.load(sims), atol=1e-6)
+
     # re-running the same train command does not retrain
     stamp = (run / "model_best.pt").stat().st_mtime_ns
     assert main(args) == 0

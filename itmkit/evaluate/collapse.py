@@ -14,11 +14,13 @@ Two tiers (our design choice), on ``ratio = std(S) / max|S|`` (0 for an all-zero
   the scores towards one value; the model may still rank a little (it stays a candidate for
   the best epoch), so the trainer only warns.
 
-Measured dev ratios (embedded course set, seed 0, loaded machine): SGR's ``course`` preset
-0.17 / 0.20 / 0.17 in its sum-mode epochs and 0.13 / 0.093 / 0.095 after the switch to hardest
-negatives (dev rsum 525-531); the same with hardest negatives after one warm-up epoch, whose
-loss sits at ``2 · margin · batch`` (13.3, 12.8 at batch 32) while dev rsum creeps 79 -> 99:
-1.4e-4, 6.4e-5; healthy VSE∞ test matrices about 0.1; a model scoring everything alike 0.
+Measured dev ratios (embedded course set, seed 0, loaded machine): VSE∞'s ``course`` preset
+0.27 in its sum-mode epochs, 0.013-0.027 in epochs 3-6 after the switch to hardest negatives
+(loss 25.6 = ``2 · margin · batch``, the old rule's false alarm, while dev rsum rises 451 -> 518),
+then 0.06-0.12; SGR's ``course`` preset 0.17-0.20, then 0.09-0.13 after the switch; SGR with
+hardest negatives after one warm-up epoch (loss stuck at ``2 · margin · batch``, dev rsum 79,
+99): 1.4e-4, 6.4e-5; a model scoring everything alike 0. The 1e-3 tier sits about 7x below
+the lowest healthy value and 7x above the squeezed SGR.
 Non-finite scores are a separate error
 (:class:`~itmkit.evaluate.metrics.NonFiniteScoresError`).
 """
