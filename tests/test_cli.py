@@ -115,3 +115,19 @@ def test_data_verify_finds_a_nan_region(data_dir, tmp_path, capsys):
     np.save(poisoned / "test_ims.npy", feats)
     assert main(["data", "verify", str(poisoned)]) == 1
     assert "test_ims.npy: row 2, region 0, dim 5: expected finite region features, found nan" in capsys.readouterr().out
+
+
+def test_a_huge_learning_rate_no_longer_reports_a_perfect_model(tmp_path, capsys):
+    # the probe's case: `itmkit train --method vse_infty --preset smoke --set train.lr=1000` (embedded
+    # tiny set) collapsed every score to 0 in epoch 1 and reported "best dev rsum 600.00"
+    from itmkit.evaluate.collapse import ScoreCollapseWarning
+
+    run = tmp_path / "run"
+    with pytest.warns(ScoreCollapseWarning, match="epoch 1: the dev scores have collapsed"):
+        code = main(["train", "--method", "vse_infty", "--preset", "smoke", "--set", "train.lr=1000",
+                     "--out", str(run), "--device", "cpu", "--quiet"])  # fmt: skip
+    out = capsys.readouterr().out
+    log = pd.read_csv(run / "log.csv")
+    assert code == 0 and log["collapsed"].tolist() == [True, False]
+    assert log["rsum"].max() < 300 and "best dev rsum 600" not in out
+    assert f"at epoch 2; model: {run / 'model_best.pt'}" in out
