@@ -7,6 +7,7 @@ fails loudly instead, naming each missing, unexpected or misshaped key.
 
 from __future__ import annotations
 
+import _compat_pickle
 import os
 import pickle
 import types
@@ -140,10 +141,14 @@ def load_converted(model: nn.Module, state: dict[str, Tensor], source: str) -> L
 
 
 class MissingClassStub:
-    """Stands in for a class a pickle names but this environment cannot import (e.g. a
-    reference repository's ``lib.vocab.Vocabulary`` inside a saved ``opt``). Keeps the state."""
+    """Stands in for a global a reference pickle names but that is not loaded: a class this
+    environment cannot import (e.g. a reference repository's ``lib.vocab.Vocabulary`` inside a
+    saved ``opt``), or any global outside the allowlist of :func:`read_reference_checkpoint`
+    (``os.system`` included). Calling it, as unpickling does, only records the arguments and
+    the state: it runs nothing."""
 
     _stub_origin = ""
+    _stub_blocked = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.stub_args = args
@@ -156,36 +161,116 @@ class MissingClassStub:
             self.stub_state = state
 
     def __repr__(self) -> str:
-        return f"<missing class {self._stub_origin}>"
+        return f"<{'blocked global' if self._stub_blocked else 'missing class'} {self._stub_origin}>"
+
+
+def _stub(module: str, name: str, blocked: bool) -> type:
+    return type(name, (MissingClassStub,), {"__module__": module, "_stub_origin": f"{module}.{name}",
+                                            "_stub_blocked": blocked})  # fmt: skip
+
+
+#: The globals a reference checkpoint may resolve to real objects (everything a ``torch.save``
+#: of tensors, plain containers, an ``argparse.Namespace`` and NumPy values needs). None of them
+#: runs code given its arguments.
+SAFE_REFERENCE_GLOBALS = frozenset({
+    ("argparse", "Namespace"),
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("collections", "Counter"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+    ("builtins", "bytearray"), ("builtins", "range"), ("builtins", "list"), ("builtins", "dict"),
+    ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"), ("builtins", "bool"),
+    ("builtins", "str"), ("builtins", "bytes"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+    ("torch", "Size"), ("torch", "device"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how protocol 2 stores the bytes of NumPy arrays and scalars
+})  # fmt: skip
+
+
+def _safe_by_kind(module: str, name: str) -> bool:
+    """torch dtypes / layouts / memory formats / storage types, NumPy scalar and dtype classes."""
+    import numpy as np
+
+    if module == "torch":
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return True
+        return name.endswith("Storage") and isinstance(value, type)
+    if module == "numpy":
+        value = getattr(np, name, None)
+        return isinstance(value, type) and issubclass(value, np.generic)
+    if module == "numpy.dtypes":
+        value = getattr(getattr(np, "dtypes", None), name, None)
+        return isinstance(value, type) and issubclass(value, np.dtype)
+    return False
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """Protocol-2 pickles name Python 2 modules (``__builtin__.set``); the default
+    ``find_class`` maps them, an override must do it itself."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """Resolves only :data:`SAFE_REFERENCE_GLOBALS` (and the kinds of :func:`_safe_by_kind`);
+    any other global becomes an inert :class:`MissingClassStub` subclass."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _python3_name(module, name)
+        if (module, name) in SAFE_REFERENCE_GLOBALS or _safe_by_kind(module, name):
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                return _stub(module, name, blocked=False)
+        return _stub(module, name, blocked=True)
 
 
 class _TolerantUnpickler(pickle.Unpickler):
+    """The trusted-file opt-out: resolves any importable global (runs what the file names)."""
+
     def find_class(self, module: str, name: str) -> Any:
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError):
-            return type(name, (MissingClassStub,), {"__module__": module, "_stub_origin": f"{module}.{name}"})
+            return _stub(module, name, blocked=False)
 
 
-# torch.load subclasses ``pickle_module.Unpickler``, so a namespace with a tolerant Unpickler
-# makes it resolve unknown classes to stubs instead of failing.
-_TOLERANT_PICKLE = types.SimpleNamespace(
-    Unpickler=_TolerantUnpickler,
-    load=lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load(),
-    __name__="itmkit_tolerant_pickle",
-)
+def _pickle_module(unpickler: type) -> types.SimpleNamespace:
+    # torch.load subclasses ``pickle_module.Unpickler`` (keeping its own storage handling), so a
+    # namespace with our Unpickler puts our find_class under every global the file names.
+    return types.SimpleNamespace(Unpickler=unpickler, load=lambda file, **kwargs: unpickler(file, **kwargs).load(),
+                                 __name__=f"itmkit_{unpickler.__name__.strip('_').lower()}")  # fmt: skip
 
 
-def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` a reference ``.pth`` on the CPU, tolerating classes that cannot be imported.
+_ALLOWLIST_PICKLE = _pickle_module(_AllowlistUnpickler)
+_TOLERANT_PICKLE = _pickle_module(_TolerantUnpickler)
 
-    Reference checkpoints pickle an ``argparse.Namespace`` (``opt``), so ``weights_only=False``
-    is required: only open checkpoints from a source you trust.
+
+def read_reference_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
+    """``torch.load`` a reference ``.pth`` on the CPU **without running anything it pickled**.
+
+    Reference checkpoints pickle an ``argparse.Namespace`` (``opt``), sometimes objects of the
+    reference code (a vocabulary), so torch's ``weights_only`` loader refuses them. They are
+    read with an allowlist instead: tensors and storages, plain containers, ``argparse.Namespace``,
+    NumPy scalars and arrays load as themselves (:data:`SAFE_REFERENCE_GLOBALS`); every other
+    global the file names (``os.system`` as much as ``lib.vocab.Vocabulary``) becomes an inert
+    :class:`MissingClassStub` that keeps its arguments and state and calls nothing.
+
+    ``trusted=True`` is the explicit opt-out for a file you trust that needs real objects of
+    other classes: every importable global is then resolved and called as the pickle says, which
+    runs whatever code the file names. Converters take the loaded dict:
+    ``convert_checkpoint(read_reference_checkpoint(path, trusted=True))``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TOLERANT_PICKLE)
+    pickle_module = _TOLERANT_PICKLE if trusted else _ALLOWLIST_PICKLE
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, found {type(checkpoint).__name__}")
     return checkpoint
@@ -198,8 +283,8 @@ def checkpoint_label(source: Any) -> str:
 
 def open_reference_checkpoint(source: "str | os.PathLike | Mapping[str, Any]") -> tuple[str, dict[str, Any]]:
     """``(label, checkpoint)`` for a converter: a path is read with
-    :func:`read_reference_checkpoint` (tolerant unpickling), a mapping is taken as it is (a
-    shallow copy); ``label`` is :func:`checkpoint_label`, for error messages."""
+    :func:`read_reference_checkpoint` (allowlist unpickling: nothing in the file runs), a mapping
+    is taken as it is (a shallow copy); ``label`` is :func:`checkpoint_label`, for error messages."""
     if isinstance(source, (str, os.PathLike)):
         return str(source), read_reference_checkpoint(source)
     if not isinstance(source, Mapping):
@@ -219,6 +304,26 @@ def opt_value(opt: Any, name: str, default: Any = None) -> Any:
         return opt.get(name, default)
     return getattr(opt, name, default)
 
+
+
+def reference_max_violation(checkpoint: Mapping[str, Any], opt: Any) -> bool:
+    """The ``--max_violation`` flag of the VSE∞-style run that saved ``checkpoint`` (§B.5).
+
+    The reference ``train.py`` sets ``opt.max_violation = True`` itself at the start of every
+    epoch from ``vse_mean_warmup_epochs`` on, and saves that ``opt`` with ``"epoch": epoch + 1``.
+    A saved value therefore shows the command-line flag only when the checkpoint was saved
+    during the warm-up (``epoch <= vse_mean_warmup_epochs``) or the run had no warm-up option.
+    A ``True`` saved after the warm-up (or with no epoch recorded) cannot be told from the
+    reference's own switch; the released scripts leave the flag off, so ``False`` is taken.
+    With :func:`itmkit.losses.use_max_violation` (flag or warm-up) both give the reference's
+    schedule after the warm-up.
+    """
+    saved = bool(opt_value(opt, "max_violation", False))
+    warmup = opt_value(opt, "vse_mean_warmup_epochs")
+    if not saved or warmup is None:
+        return saved
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, Mapping) else None
+    return epoch is not None and int(epoch) - 1 < int(warmup)
 
 
 def apply_reference_recipe(train: Any, opt: Any, recipe: Mapping[str, tuple[str, Any]]) -> None:

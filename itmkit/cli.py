@@ -6,7 +6,7 @@
     itmkit eval runs/x/model_best.pt [--data DIR] [--split test] [--protocol coco-5fold-1k] [--out DIR]
     itmkit ensemble a/sims.npy b/sims.npy --protocol coco-5fold-1k coco-5k [--weights 1 1]
     itmkit retrieve runs/x --caption 12 | --image 3 | --text "a red circle" [-k 5] [--split test]
-    itmkit data verify DIR                           check a precomp folder, one row per split
+    itmkit data verify DIR                           check a precomp folder (layout and NaN/Inf values)
     itmkit data build-embedded --preset course       build (or find) the embedded data set
 
 Every subcommand has ``--help``. Errors print one line naming what was wrong and exit 1.
@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
     result = evaluate_model(model, data_dir, args.split, pipeline, protocol=args.protocol, out_dir=out,
                             batch_size=args.batch_size, max_captions=args.max_captions,
-                            progress=not args.quiet)  # fmt: skip
+                            progress=not args.quiet, score_dtype="float64" if args.float64 else "float32")  # fmt: skip
     _print_table(result.summary)
     print(f"saved metrics.csv, metrics.json and sims.npy in {out}")
     return 0
@@ -188,7 +188,7 @@ def cmd_ensemble(args) -> int:
 def cmd_data_verify(args) -> int:
     from itmkit.data.precomp import verify_precomp
 
-    table = verify_precomp(args.folder)
+    table = verify_precomp(args.folder, check_values=not args.no_values)
     _print_table(table)
     return 0 if (table["status"] == "ok").all() else 1
 
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-captions", type=int, help="only the first N captions (dev validation uses 5000)")
+    p.add_argument("--float64", action="store_true",
+                   help="score in float64 as the references do (exact reproduction; default float32, half the memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -267,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools: verify, build-embedded")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    q = data_sub.add_parser("verify", help="check every split of a precomp folder")
+    q = data_sub.add_parser("verify", help="check every split of a precomp folder, NaN/Inf feature values included")
     q.add_argument("folder")
+    q.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan (it reads every feature value)")
     q.set_defaults(func=cmd_data_verify)
     q = data_sub.add_parser("build-embedded", help="build (or reuse) the embedded data set and print its folder")
     q.add_argument("--preset", default="course", choices=["tiny", "course"])

@@ -64,8 +64,11 @@ class TrainConfig:
     backbone_lr_scale: float = 0.1  # BERT-like text backbones train at lr * 0.1 (VSE∞ master)
     grad_clip: float = 2.0
     margin: float = 0.2
-    max_violation: bool = True
-    sum_warmup_epochs: int = 1  # VSE∞: sum-mode hinge for this many epochs, then hardest negatives
+    # hardest negatives when ``max_violation or epoch >= sum_warmup_epochs`` (the reference rule,
+    # baselines.md §B.5): max_violation = hardest from the first step (VSE∞'s --max_violation);
+    # otherwise sum mode for sum_warmup_epochs epochs (>= epochs: sum mode throughout)
+    max_violation: bool = False
+    sum_warmup_epochs: int = 1
     amp: bool = True  # only ever used on CUDA
     seed: int = 0
     device: str = "auto"

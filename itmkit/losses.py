@@ -62,29 +62,16 @@ def hinge_triplet_loss(
 
 
 def use_max_violation(epoch: int, train_cfg: "TrainConfig") -> bool:
-    """Whether epoch ``epoch`` (0-based) uses hardest negatives: VSE∞ trains the first
-    ``sum_warmup_epochs`` epochs in sum mode, then max-violation (checked per epoch, §B.5)."""
-    return bool(train_cfg.max_violation) and epoch >= train_cfg.sum_warmup_epochs
+    """Whether epoch ``epoch`` (0-based) uses hardest negatives: the reference rule (§B.5),
+    ``max_violation or epoch >= sum_warmup_epochs``.
 
-
-class ScoreCollapseWarning(UserWarning):
-    """Training with hardest negatives has collapsed: every score of a batch is (nearly) equal."""
-
-
-def hinge_collapsed(mean_batch_loss: float, n_items: int, batch_size: int, margin: float, tolerance: float = 0.005) -> bool:
-    """Whether an epoch's mean max-violation loss is the collapsed value ``2 · margin · batch``.
-
-    When all scores of a batch are equal, every anchor's hardest negative costs exactly
-    ``margin`` in both directions, so a batch of ``b > 1`` pairs loses ``2 · b · margin`` (a
-    batch of one has no negative and loses 0); ``n_items`` pairs in batches of ``batch_size``
-    (the last one short) give the epoch mean compared here. A model that still ranks its
-    positives first scores below it, one that ranks them last above. Sigmoid-scored models
-    (SGRAF) fall into it when hardest negatives start before they rank well (docs/sgraf.md).
+    VSE∞'s ``train.py`` switches hardest negatives on at the start of every epoch from
+    ``vse_mean_warmup_epochs`` on, and ``--max_violation`` turns them on from the first step;
+    so ``train.max_violation`` is that flag (off in the VSE∞ recipes, whose one sum-mode epoch
+    comes from ``sum_warmup_epochs = 1``) and sum mode throughout needs
+    ``sum_warmup_epochs >= epochs``.
     """
-    full, rest = divmod(n_items, batch_size)
-    steps = full + (rest > 0)
-    collapsed = 2.0 * margin * (full * batch_size + (rest if rest > 1 else 0)) / max(1, steps)
-    return collapsed > 0 and abs(mean_batch_loss - collapsed) <= tolerance * collapsed
+    return bool(train_cfg.max_violation) or epoch >= train_cfg.sum_warmup_epochs
 
 
 # ----------------------------------------------------------------------------- distance-weighted triplet (HREM, AAHR)

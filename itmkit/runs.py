@@ -35,6 +35,8 @@ def load_run(path_or_ckpt: str | Path, device: str | torch.device | None = None)
     """``(model in eval mode on device, run_cfg, text pipeline)`` from a run dir or checkpoint.
 
     ``device=None`` picks cuda / mps / cpu. Weights load strictly: a checkpoint that does not
-    fit the model its config builds raises with the offending key names.
+    fit the model its config builds raises ``ValueError`` naming each missing, unexpected or
+    misshaped key (with the expected and the found shape); NaN or Inf weights raise naming the
+    tensor; a damaged file fails its integrity check (:func:`~itmkit.train.checkpoint.load_checkpoint`).
     """
     return model_from_checkpoint(resolve_checkpoint(path_or_ckpt), device)

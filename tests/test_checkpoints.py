@@ -152,3 +152,18 @@ def test_load_converted_restores_the_bert_position_ids_buffer_only():
     state.pop(BERT_POSITION_IDS)
     with pytest.raises(CheckpointMismatchError, match=r"ckpt: state dict does not match(.|\n)*missing \(1\): text.backbone.embeddings.bias"):
         load_converted(target, state, "ckpt")
+
+
+def test_reference_max_violation_reads_the_flag_only_where_the_reference_did_not_set_it():
+    from itmkit.checkpoints import reference_max_violation
+
+    def opt(flag, warmup=1):
+        return argparse.Namespace(max_violation=flag, **({} if warmup is None else {"vse_mean_warmup_epochs": warmup}))
+
+    assert reference_max_violation({"epoch": 1}, opt(True)) is True  # saved during the warm-up: the user's flag
+    assert reference_max_violation({"epoch": 2}, opt(True)) is False  # train.py set it at epoch 1
+    assert reference_max_violation({"epoch": 2}, opt(True, warmup=2)) is True
+    assert reference_max_violation({}, opt(True)) is False  # no epoch: cannot tell, the scripts' default
+    assert reference_max_violation({"epoch": 9}, opt(False)) is False
+    assert reference_max_violation({"epoch": 9}, opt(True, warmup=None)) is True  # no warm-up option: no switch
+    assert reference_max_violation({"epoch": 9}, None) is False

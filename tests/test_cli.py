@@ -59,6 +59,13 @@ def test_train_eval_ensemble(data_dir, tmp_path, capsys):
     assert ens["rsum"].iloc[0] == pytest.approx(metrics["rsum"].iloc[0])
     np.testing.assert_allclose(np.load(tmp_path / "ens" / "sims.npy"), np.load(sims), rtol=1e-6)
 
+    # --float64: the references' precision; the saved matrix is float64, close to the float32 one
+    assert main(["eval", str(run / "model_best.pt"), "--data", str(data_dir), "--out", str(tmp_path / "ev64"),
+                 "--device", "cpu", "--quiet", "--float64"]) == 0  # fmt: skip
+    sims64 = np.load(tmp_path / "ev64" / "sims.npy")
+    assert sims64.dtype == np.float64 and np.load(sims).dtype == np.float32
+    np.testing.assert_allclose(sims64, np.load(sims), atol=1e-6)
+
     # re-running the same train command does not retrain
     stamp = (run / "model_best.pt").stat().st_mtime_ns
     assert main(args) == 0
@@ -126,3 +133,31 @@ def test_testall_is_reported_both_coco_ways_by_default(tmp_path, capsys):
     assert table["rsum"].iloc[:5].tolist() == pytest.approx(fold_rsums)
     assert table["rsum"].iloc[5] == pytest.approx(np.mean(fold_rsums))
     np.testing.assert_allclose(table["rsum"], trained["rsum"], rtol=1e-6)  # the same best model
+
+
+def test_data_verify_finds_a_nan_region(data_dir, tmp_path, capsys):
+    import shutil
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(data_dir, poisoned)
+    feats = np.load(poisoned / "test_ims.npy")
+    feats[2, 0, 5] = np.nan
+    np.save(poisoned / "test_ims.npy", feats)
+    assert main(["data", "verify", str(poisoned)]) == 1
+    assert "test_ims.npy: row 2, region 0, dim 5: expected finite region features, found nan" in capsys.readouterr().out
+
+
+def test_a_huge_learning_rate_no_longer_reports_a_perfect_model(tmp_path, capsys):
+    # the probe's case: `itmkit train --method vse_infty --preset smoke --set train.lr=1000` (embedded
+    # tiny set) collapsed every score to 0 in epoch 1 and reported "best dev rsum 600.00"
+    from itmkit.evaluate.collapse import ScoreCollapseWarning
+
+    run = tmp_path / "run"
+    with pytest.warns(ScoreCollapseWarning, match="epoch 1: the dev scores have collapsed"):
+        code = main(["train", "--method", "vse_infty", "--preset", "smoke", "--set", "train.lr=1000",
+                     "--out", str(run), "--device", "cpu", "--quiet"])  # fmt: skip
+    out = capsys.readouterr().out
+    log = pd.read_csv(run / "log.csv")
+    assert code == 0 and log["collapsed"].tolist() == [True, False]
+    assert log["rsum"].max() < 300 and "best dev rsum 600" not in out
+    assert f"at epoch 2; model: {run / 'model_best.pt'}" in out

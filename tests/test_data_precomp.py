@@ -281,3 +281,39 @@ def test_real_f30k_dev_first_5000(tmp_path):
     caps = _real("f30k_precomp/dev_caps.txt")
     split = PrecompSplit.open(_with_fake_features(tmp_path, caps, "dev", 1014), "dev", max_captions=5000)
     assert (split.n_images, split.n_captions, split.images.shape[0]) == (1000, 5000, 1000)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_are_found_by_readers_and_verify(tmp_path, monkeypatch, bad):
+    import itmkit.data.precomp as precomp
+
+    write_split(tmp_path, "test", n_img=30)
+    feats = np.load(tmp_path / "test_ims.npy")
+    feats[21, 2, 1] = bad
+    np.save(tmp_path / "test_ims.npy", feats)
+    split = PrecompSplit.open(tmp_path, "test")  # opening reads no values
+    where = r"test_ims\.npy: row 21, region 2, dim 1: expected finite region features, found " + ("nan" if bad != bad else "inf")
+    with pytest.raises(DataFormatError, match=where):
+        split.image_features(21)
+    with pytest.raises(DataFormatError, match=where + r" \(1 non-finite values in rows 21-21\)"):
+        split.image_block(16, 24)
+    np.testing.assert_array_equal(split.image_block(0, 21), feats[:21])  # clean rows read as before
+    # a view further into the file names the file's row, not the view's
+    with pytest.raises(DataFormatError, match=where):
+        split.subset(20, 30).feature_row(1)
+    # verify scans the whole memmap in blocks (here of 4 rows) and reports the split
+    monkeypatch.setattr(precomp, "SCAN_ROWS", 4)
+    table = verify_precomp(tmp_path).set_index("split")
+    assert table.loc["test", "status"] == "error" and table.loc["test", "images"] == 30
+    assert "row 21, region 2, dim 1" in table.loc["test", "problem"]
+    assert "rows 20-23" in table.loc["test", "problem"]
+    assert verify_precomp(tmp_path, check_values=False).loc[0, "status"] == "ok"
+
+
+def test_non_finite_boxes_are_reported_by_verify(tmp_path):
+    write_split(tmp_path, "dev", n_img=3)
+    boxes = np.load(tmp_path / "dev_boxes.npy")
+    boxes[1, 0, 3] = np.nan
+    np.save(tmp_path / "dev_boxes.npy", boxes)
+    problem = verify_precomp(tmp_path).loc[0, "problem"]
+    assert "dev_boxes.npy: row 1, region 0, dim 3: expected finite boxes, found nan" in problem

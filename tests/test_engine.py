@@ -236,3 +236,17 @@ def test_engine_scores_do_not_depend_on_padding():
         longer = Encoded(torch.cat([captions.feats, torch.zeros(4, 6, 16)], 1), captions.lengths)
         padded = model.similarity(more, longer, memory_budget=5000)
     assert math.isclose(float((padded - base).abs().max()), 0.0, abs_tol=1e-6)
+
+
+def test_a_float64_out_takes_the_scores_with_caption_sorting_on(toy_data):
+    # the references store scores in float64 arrays; a float64 tensor as out raised
+    # "Index put requires the source and destination dtypes match" with sorted captions
+    images, captions = toy_data
+    want = toy_reference(images, captions)
+    for out in (torch.full((7, 23), float("nan"), dtype=torch.float64), np.full((7, 23), np.nan)):
+        got = pairwise_similarity(MaxAlignModel(), images, captions, memory_budget=2000, out=out, sort_captions=True)
+        assert got is out and got.dtype in (torch.float64, np.float64)
+        # float32 scores stored exactly in float64
+        float32_run = pairwise_similarity(MaxAlignModel(), images, captions, memory_budget=2000)
+        np.testing.assert_array_equal(np.asarray(got), float32_run.numpy().astype(np.float64))
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6, atol=1e-6)

@@ -73,3 +73,33 @@ def test_shape_and_weight_errors(tmp_path):
     np.save(tmp_path / "vec.npy", np.zeros(5))
     with pytest.raises(ValueError, match="expected a 2-D"):
         load_similarity(tmp_path / "vec.npy")
+
+
+def test_non_finite_inputs_are_named_and_constant_ensembles_refused(tmp_path):
+    from itmkit.cli import main
+    from itmkit.evaluate.collapse import CollapsedScoresError
+    from itmkit.evaluate.metrics import NonFiniteScoresError
+
+    good = save_similarity(tmp_path / "a" / "sims.npy", random_sims(0))
+    S = random_sims(1)
+    S[4, 17] = np.nan
+    bad = save_similarity(tmp_path / "b" / "sims.npy", S)
+    with pytest.raises(NonFiniteScoresError, match=r"b/sims\.npy: expected finite scores, found 1 non-finite.*image 4, caption 17"):
+        evaluate_ensemble([good, bad])
+    with pytest.raises(NonFiniteScoresError, match=r"matrix #1: expected finite"):
+        average_similarities([random_sims(0), np.full((10, 50), np.inf, dtype=np.float32)])
+    # the CLI prints it on one line and fails, instead of scoring the ensemble
+    assert main(["ensemble", str(good), str(bad)]) == 1
+    flat = [save_similarity(tmp_path / f"c{i}" / "sims.npy", np.full((10, 50), 0.2, np.float32)) for i in range(2)]
+    with pytest.raises(CollapsedScoresError, match=r"ensemble of .*c0/sims\.npy, .*c1/sims\.npy: expected scores that differ"):
+        evaluate_ensemble(flat)
+
+
+def test_float64_inputs_stay_float64(tmp_path):
+    a, b = random_sims(0).astype(np.float64), random_sims(1).astype(np.float64)
+    a[0, 0] += 1e-12  # below float32 resolution
+    mean = average_similarities([a, b])
+    assert mean.dtype == np.float64 and mean[0, 0] == pytest.approx((a[0, 0] + b[0, 0]) / 2, abs=1e-15)
+    path = save_similarity(tmp_path / "sims.npy", mean)
+    assert load_similarity(path).dtype == np.float64
+    assert average_similarities([random_sims(0), random_sims(1)]).dtype == np.float32

@@ -180,3 +180,58 @@ def test_testall_defaults_to_coco_5fold_1k_and_5k(tmp_path):
     assert pd.read_csv(tmp_path / "ev" / "metrics.csv", dtype={"fold": str})["protocol"].tolist() == table["protocol"].tolist()
     # any other split: the whole matrix once
     assert evaluate_model(model, root, "test", pipeline, progress=False).metrics["protocol"].tolist() == ["test"]
+
+
+def test_float64_scores_reproduce_float64_dot_products(data, tmp_path):
+    root, split, pipeline = data
+    model = MeanModel(vocab_size=pipeline.vocab_size)
+    imgs, caps = encode_split(model, split, pipeline, batch_size=4, progress=False)
+    want = imgs.feats.double().numpy() @ caps.feats.double().numpy().T  # the references' encode_data + np.dot
+    got = similarity_matrix(model, imgs, caps, progress=False, score_dtype="float64")
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+    assert similarity_matrix(model, imgs, caps, progress=False).dtype == np.float32
+    # pairwise methods score in float32; float64 stores those scores unchanged (memmap out too)
+    pair = PairwiseMeanModel(vocab_size=pipeline.vocab_size)
+    pimgs, pcaps = encode_split(pair, split, pipeline, batch_size=4, progress=False)
+    s32 = similarity_matrix(pair, pimgs, pcaps, progress=False)
+    s64 = similarity_matrix(pair, pimgs, pcaps, progress=False, score_dtype="float64", out=tmp_path / "p.npy")
+    assert s64.dtype == np.float64 and np.array_equal(s64, s32.astype(np.float64))
+    result = evaluate_model(model, root, "test", pipeline, out_dir=tmp_path / "ev", progress=False,
+                            score_dtype="float64")
+    assert np.load(tmp_path / "ev" / "sims.npy").dtype == np.float64
+    assert result.metric("rsum") == pytest.approx(recall_metrics(want)["rsum"])
+    with pytest.raises(ValueError, match=r"score_dtype: expected one of \['float32', 'float64'\], found 'float16'"):
+        similarity_matrix(model, imgs, caps, progress=False, score_dtype="float16")
+
+
+def test_nan_or_collapsed_models_are_errors_naming_model_and_split(data, tmp_path):
+    from itmkit.evaluate.collapse import CollapsedScoresError
+    from itmkit.evaluate.metrics import NonFiniteScoresError
+
+    root, split, pipeline = data
+    model = MeanModel(vocab_size=pipeline.vocab_size)
+    with torch.no_grad():
+        model.image.weight[0, 0] = float("nan")  # NaN weights used to evaluate to rsum 600
+    with pytest.raises(NonFiniteScoresError, match=r"scores of MeanModel on .*/test: expected finite scores"):
+        evaluate_model(model, root, "test", pipeline, progress=False)
+    flat = MeanModel(vocab_size=pipeline.vocab_size)
+    with torch.no_grad():  # every image and caption embeds to the same vector: all scores equal
+        flat.image.weight.zero_()
+        flat.image.bias.fill_(1.0)
+        flat.embed.weight.fill_(1.0)
+    with pytest.raises(CollapsedScoresError, match=r"scores of MeanModel on .*/test: expected scores that differ"):
+        evaluate_model(flat, root, "test", pipeline, out_dir=tmp_path / "flat", progress=False)
+    assert not list((tmp_path / "flat").glob("*.npy")) and not list((tmp_path / "flat").glob(".*"))
+
+
+def test_stale_temporary_files_are_removed(data, tmp_path):
+    root, split, pipeline = data
+    out = tmp_path / "ev"
+    out.mkdir()
+    stale = out / ".sims.npy.k3j_x9a2.tmp.npy"  # what a killed evaluation leaves
+    stale.write_bytes(b"x" * 100)
+    keep = out / "notes.tmp"
+    keep.write_text("mine")
+    evaluate_model(MeanModel(vocab_size=pipeline.vocab_size), root, "test", pipeline, out_dir=out, progress=False)
+    assert not stale.exists() and keep.exists()

@@ -24,8 +24,8 @@ def test_hand_made_ranks():
     S = hand_matrix()
     # image 0: best own caption 0.9, only caption 6 (0.95) beats it; image 1: 0.8 beats all
     assert i2t_ranks(S).tolist() == [1, 0]
-    # caption 0 ties (0.1 vs 0.1): the positive wins a tie -> rank 0
-    assert t2i_ranks(S).tolist() == [0, 0, 1, 1, 1, 0, 1, 0, 0, 0]
+    # caption 0 ties (0.1 vs 0.1): a tie counts against the query -> rank 1
+    assert t2i_ranks(S).tolist() == [1, 0, 1, 1, 1, 0, 1, 0, 0, 0]
 
 
 def test_hand_made_metrics():
@@ -33,20 +33,62 @@ def test_hand_made_metrics():
     assert m["i2t_r1"] == 50.0 and m["i2t_r5"] == 100.0 and m["i2t_r10"] == 100.0
     assert m["i2t_medr"] == 1.0  # floor(median([1, 0]) = 0.5) + 1
     assert m["i2t_meanr"] == pytest.approx(1.5)
-    assert m["t2i_r1"] == 60.0 and m["t2i_r5"] == 100.0
-    assert m["t2i_medr"] == 1.0
-    assert m["t2i_meanr"] == pytest.approx(1.4)
-    assert m["rsum"] == pytest.approx(50 + 100 + 100 + 60 + 100 + 100)
+    assert m["t2i_r1"] == 50.0 and m["t2i_r5"] == 100.0
+    assert m["t2i_medr"] == 1.0  # floor(median of five 0s and five 1s = 0.5) + 1
+    assert m["t2i_meanr"] == pytest.approx(1.5)
+    assert m["rsum"] == pytest.approx(50 + 100 + 100 + 50 + 100 + 100)
 
 
-def test_ties_count_only_strictly_higher():
+def test_ties_count_against_the_query():
+    # a constant matrix (a collapsed model) ranks every positive last, never first
     S = np.full((3, 15), 0.5, dtype=np.float32)
-    assert i2t_ranks(S).tolist() == [0, 0, 0]
-    assert t2i_ranks(S).tolist() == [0] * 15
-    S[0, 7] = 0.6  # one caption of image 1 now strictly above image 0's captions
-    assert i2t_ranks(S).tolist() == [1, 0, 0]
-    # caption 7's own image 1 scores 0.5 < 0.6 of image 0
+    assert i2t_ranks(S).tolist() == [10, 10, 10]  # the 10 captions of the other two images
+    assert t2i_ranks(S).tolist() == [2] * 15  # the two other images
+    # i2t: rank 10 misses R@1, R@5 and R@10; t2i: rank 2 misses R@1 only
+    assert recall_metrics(S)["rsum"] == pytest.approx(0 + 0 + 0 + 0 + 100 + 100)
+    S[1, 7] = 0.6  # image 1's own caption 7 now strictly above everything
+    assert i2t_ranks(S).tolist() == [10, 0, 10]
+    assert t2i_ranks(S)[7] == 0 and t2i_ranks(S)[8] == 2
+    S[0, 7] = 0.6  # image 0 ties with image 1 on caption 7: the tie counts against caption 7
     assert t2i_ranks(S)[7] == 1
+    # image 0's best own score 0.5 is tied by 9 foreign captions and beaten by caption 7
+    assert i2t_ranks(S)[0] == 10
+
+
+def test_ties_among_own_captions_do_not_count():
+    S = np.zeros((2, 10), dtype=np.float32)
+    S[0, 0:3] = 0.9  # three own captions tie for image 0's best: rank 0, not 2
+    S[0, 7] = 0.9  # one caption of image 1 ties with them: counts against image 0
+    S[1, 5:10] = 0.8
+    assert i2t_ranks(S).tolist() == [1, 0]
+
+
+def test_tie_rule_matches_a_plain_loop_that_puts_the_positive_after_ties():
+    rng = np.random.default_rng(5)
+    S = rng.integers(0, 4, size=(9, 45)).astype(np.float32)  # a few levels: ties everywhere
+    for i in range(9):
+        own = set(range(5 * i, 5 * i + 5))
+        best = max(S[i, j] for j in own)
+        assert i2t_ranks(S)[i] == sum(1 for j in range(45) if j not in own and S[i, j] >= best)
+    for c in range(45):
+        assert t2i_ranks(S)[c] == sum(1 for i in range(9) if i != c // 5 and S[i, c] >= S[c // 5, c])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_an_error_naming_the_source(bad):
+    from itmkit.evaluate.metrics import NonFiniteScoresError, check_finite_scores
+
+    S = np.eye(4, 20, dtype=np.float32)
+    S[2, 13] = bad
+    for check in (i2t_ranks, t2i_ranks, recall_metrics):
+        with pytest.raises(NonFiniteScoresError, match=r"run/sims\.npy: expected finite scores, found 1 non-finite"
+                           r".* at image 2, caption 13"):
+            check(S, 5, source="run/sims.npy")
+    with pytest.raises(NonFiniteScoresError, match="similarity matrix: expected finite scores"):
+        check_finite_scores(torch.from_numpy(S))
+    # an all-NaN matrix (a model with NaN weights) used to score rsum 600
+    with pytest.raises(NonFiniteScoresError, match="found 80 non-finite"):
+        recall_metrics(np.full((4, 20), np.nan, dtype=np.float32))
 
 
 def test_rank_below_k_not_at_most_k():

@@ -143,7 +143,7 @@ def _chance_rsum_quantile(n_img, q=99, draws=2000, seed=0):
 def test_learns_above_chance(toy_method, data_dir, tmp_path):
     """Learning = beating the same model, seed and steps at lr 0, and beating luck: the loss of the
     last epoch (same hardest-negative mode in both runs) and the dev rsum."""
-    from itmkit.losses import ScoreCollapseWarning
+    from itmkit.evaluate.collapse import ScoreCollapseWarning
 
     overrides = {"train.epochs": 4, "train.lr_decay_epochs": (3,)}
     with warnings.catch_warnings():
@@ -163,16 +163,97 @@ def test_learns_above_chance(toy_method, data_dir, tmp_path):
     assert last < 0.5 * untrained, f"last-epoch loss {last:.2f} vs {untrained:.2f} at lr 0"
 
 
-def test_trainer_warns_when_the_scores_collapse(toy_method, data_dir, tmp_path, monkeypatch):
-    from itmkit.losses import ScoreCollapseWarning
+def test_a_collapsed_epoch_warns_and_is_never_selected(toy_method, data_dir, tmp_path, monkeypatch):
+    from itmkit.evaluate.collapse import ScoreCollapseWarning
 
-    # every score 0: the max-violation epoch's loss is exactly the collapsed value
+    # the dev scores of epoch 2 are all 0 (a constant matrix used to score rsum 600 and win);
+    # training itself is unchanged
+    collapse = {"on": False}
+    original = ToyModel.similarity
+    def similarity(self, images, captions, **kw):
+        dev = not self.training and len(images) == 12  # the dev split, not the test split's 10 images
+        return original(self, images, captions, **kw) * (0.0 if collapse["on"] and dev else 1.0)
+
+    monkeypatch.setattr(ToyModel, "similarity", similarity)
+
+    def on_step(state):
+        collapse["on"] = state.epoch == 1
+
+    cfg = toy_config(data_dir, **{"train.epochs": 2, "train.sum_warmup_epochs": 1})
+    with pytest.warns(ScoreCollapseWarning, match=r"epoch 2: the dev scores have collapsed \(std 0 .*not a candidate"):
+        result = train(cfg, tmp_path / "run", progress=False, on_step=on_step)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert log["collapsed"].tolist() == [False, True]
+    assert result.best_epoch == 1 and load_checkpoint(tmp_path / "run" / "model_best.pt")["epoch"] == 1
+    assert log["rsum"].iloc[1] < 600  # ties count against the query
+
+
+def test_a_run_whose_every_epoch_collapses_ends_with_an_error(toy_method, data_dir, tmp_path, monkeypatch):
+    from itmkit.evaluate.collapse import ScoreCollapseWarning
+    from itmkit.train.trainer import NoUsableEpochError
+
     original = ToyModel.similarity
     monkeypatch.setattr(ToyModel, "similarity", lambda self, i, c, **kw: original(self, i, c, **kw) * 0.0)
-    cfg = toy_config(data_dir, **{"train.epochs": 2, "train.sum_warmup_epochs": 1})
-    with pytest.warns(ScoreCollapseWarning, match=r"epoch 2: the mean hinge loss .* collapsed"):
-        result = train(cfg, tmp_path / "run", progress=False)
-    assert result.log["max_violation"].tolist() == [False, True]
+    cfg = toy_config(data_dir, **{"train.epochs": 2})
+    with pytest.warns(ScoreCollapseWarning), pytest.raises(NoUsableEpochError, match=r"run: no epoch gave a usable "
+                                                             r"model: the dev scores collapsed .* after epochs 1, 2"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model_best.pt").exists() and not (tmp_path / "run" / "result.json").exists()
+    assert pd.read_csv(tmp_path / "run" / "log.csv")["collapsed"].tolist() == [True, True]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy_method, data_dir, tmp_path, monkeypatch):
+    from itmkit.train.trainer import TrainingDivergedError
+
+    poisoned = {"on": False}
+    original = ToyModel.similarity
+    monkeypatch.setattr(ToyModel, "similarity",
+                        lambda self, i, c, **kw: original(self, i, c, **kw) * (float("nan") if poisoned["on"] else 1.0))
+
+    def on_step(state):
+        poisoned["on"] = state.global_step >= 9  # epoch 2 (7 steps per epoch), after the step-8 checkpoint
+
+    cfg = toy_config(data_dir, **{"train.epochs": 3, "train.checkpoint_every_steps": 4})
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match=r"run: epoch 2, step 10: the training loss is nan; training "
+                       r"stopped .* checkpoint\.pt keeps the last good state \(epoch 2, step 8\)\. Lower train\.lr"):
+        train(cfg, out, progress=False, on_step=on_step)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["state"]["global_step"] == 8
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert load_checkpoint(out / "model_best.pt")["epoch"] == 1
+    assert len(pd.read_csv(out / "log.csv")) == 1
+
+
+def test_train_step_refuses_a_non_finite_gradient_without_touching_the_weights(toy_method, data_dir):
+    from itmkit.data.loaders import PairDataset, train_batches
+    from itmkit.data.precomp import PrecompSplit
+    from itmkit.data.text import build_text_pipeline
+    from itmkit.train.trainer import NonFiniteLossError, train_step
+
+    split = PrecompSplit.open(data_dir, "train")
+    pipeline = build_text_pipeline(TextConfig(kind="bigru", vocab_threshold=1), split.captions, data_dir)
+    model = ToyModel(ToyConfig(), pipeline.vocab_size)
+    batch = next(train_batches(PairDataset(split, pipeline, train=False), 8, seed=0, epoch=0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.image.weight.register_hook(lambda g: g * float("inf"))  # finite loss, infinite gradient
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="the gradient norm is"):
+        train_step(model, batch, optimizer, scaler, 0.2, True, grad_clip=2.0, use_amp=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_dev_scores_stop_the_run_naming_the_epoch(toy_method, data_dir, tmp_path, monkeypatch):
+    from itmkit.train.trainer import TrainingDivergedError
+
+    original = ToyModel.similarity
+    monkeypatch.setattr(ToyModel, "similarity",
+                        lambda self, i, c, **kw: original(self, i, c, **kw) * (1.0 if self.training else float("nan")))
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 8: the dev scores are not finite \(scores of "
+                       r"ToyModel on .*/dev: expected finite scores"):
+        train(toy_config(data_dir, **{"train.epochs": 1}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model_best.pt").exists()
 
 
 class Killed(RuntimeError):
@@ -364,3 +445,164 @@ def test_backbone_lr_decays_with_the_other_groups(built_models, data_dir, tmp_pa
     groups = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([5e-4, 5e-5])
     assert [g["initial_lr"] for g in groups] == pytest.approx([5e-3, 5e-4])
+
+
+@pytest.mark.parametrize("log_name", ["log.csv", "steps.csv"])
+def test_a_kill_between_checkpoint_and_log_loses_no_row(toy_method, data_dir, tmp_path, monkeypatch, log_name):
+    import itmkit.train.trainer as trainer
+
+    cfg = toy_config(data_dir)  # 2 epochs
+    full = tmp_path / "full"
+    train(cfg, full, progress=False)
+    # the final epoch's checkpoint.pt has been replaced; the process dies before the log is written
+    real_write_csv = trainer.write_csv
+    writes = {"n": 0}
+
+    def dying_write_csv(path, frame):
+        if path.name == log_name:
+            writes["n"] += 1
+            if writes["n"] == 2:
+                assert load_checkpoint(path.parent / "checkpoint.pt")["state"]["epoch"] == 2
+                raise Killed(f"killed before writing {log_name}")
+        real_write_csv(path, frame)
+
+    monkeypatch.setattr(trainer, "write_csv", dying_write_csv)
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(cfg, killed, progress=False)
+    monkeypatch.setattr(trainer, "write_csv", real_write_csv)
+    train(cfg, killed, progress=False)
+    again = train(cfg, killed, progress=False)  # a finished run read back from its files
+    cols = ["epoch", "step", "loss", "lr", "max_violation", "rsum", "collapsed"]
+    pd.testing.assert_frame_equal(pd.read_csv(full / "log.csv")[cols], pd.read_csv(killed / "log.csv")[cols])
+    pd.testing.assert_frame_equal(pd.read_csv(full / "steps.csv"), pd.read_csv(killed / "steps.csv"))
+    assert again.log["epoch"].tolist() == [1, 2]
+
+
+def test_stale_temporary_files_are_cleaned_up(toy_method, data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(toy_config(data_dir, **{"train.epochs": 1}), out, progress=False, max_steps=2)
+    # what a kill during torch.save / write_csv leaves (atomic_path's names)
+    stale = [out / ".checkpoint.pt.x1y2z3w4.tmp", out / ".log.csv.a_b_c_d1.tmp", out / ".model_best.pt.qwertyui.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    mine = out / "notes.txt"
+    mine.write_text("kept")
+    train(toy_config(data_dir, **{"train.epochs": 1}), out, progress=False)
+    assert not any(p.exists() for p in stale) and mine.exists()
+    assert not list(out.glob(".*tmp*"))
+
+
+def _flip_bytes_inside_largest_tensor(path, count=64):
+    """XOR ``count`` bytes in the middle of the largest tensor record of a torch zip file."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2 - count // 2
+    raw[start : start + count] = bytes(b ^ 0xFF for b in raw[start : start + count])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        module = types.ModuleType("itmkit_test_toy_method")
+        module.METHOD = MethodSpec("toy", ToyConfig, toy_build, {"smoke": toy_preset}, spec="tests")
+        patch.setitem(sys.modules, module.__name__, module)
+        patch.setitem(registry.METHOD_MODULES, "toy", module.__name__)
+        train(toy_config(data_dir, **{"train.epochs": 1}), out, progress=False)
+    return out
+
+
+def test_flipped_bytes_in_a_checkpoint_are_an_error_naming_file_and_tensor(toy_method, finished_run, tmp_path):
+    import shutil
+
+    from itmkit.cli import main
+    from itmkit.train.checkpoint import CorruptCheckpointError
+
+    path = tmp_path / "model_best.pt"
+    shutil.copy(finished_run / "model_best.pt", path)
+    before = torch.load(path, weights_only=True)["model"]
+    _flip_bytes_inside_largest_tensor(path)
+    after = torch.load(path, weights_only=True)["model"]  # torch itself loads the damaged file silently
+    damaged = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(damaged) == 1
+    with pytest.raises(CorruptCheckpointError, match=rf"model_best\.pt: integrity check failed: tensor "
+                       rf"model/{damaged[0]} does not match the sha256 stored when the file was saved"):
+        load_run(path, device="cpu")
+    assert main(["eval", str(path), "--quiet"]) == 1
+
+
+def test_misshaped_or_non_finite_weights_name_the_key(toy_method, finished_run, tmp_path, capsys):
+    from itmkit.cli import main
+    from itmkit.train.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(finished_run / "model_best.pt")
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version", "integrity")}
+    misshaped = dict(payload, model={**payload["model"], "image.weight": torch.zeros(16, 9)})
+    save_checkpoint(tmp_path / "misshaped.pt", misshaped)
+    with pytest.raises(ValueError, match=r"misshaped\.pt: field 'model': the weights do not fit the ToyModel .*\n"
+                                         r"(.|\n)*misshaped: image\.weight: expected \[16, 8\], found \[16, 9\]"):
+        load_run(tmp_path / "misshaped.pt", device="cpu")
+    assert main(["eval", str(tmp_path / "misshaped.pt"), "--quiet"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    weights = {k: v.clone() for k, v in payload["model"].items()}
+    weights["text.weight"][3, 1] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", dict(payload, model=weights))
+    with pytest.raises(ValueError, match=r"nan\.pt: field 'model\.text\.weight': expected finite weights, found 1 NaN"):
+        load_run(tmp_path / "nan.pt", device="cpu")
+
+
+def test_version_1_checkpoints_load_without_the_integrity_check(toy_method, finished_run, tmp_path):
+    ckpt = load_checkpoint(finished_run / "model_best.pt")
+    legacy = {k: v for k, v in ckpt.items() if k != "integrity"}
+    legacy["version"] = 1
+    torch.save(legacy, tmp_path / "old.pt")
+    model, _, _ = load_run(tmp_path / "old.pt", device="cpu")
+    assert torch.equal(model.state_dict()["image.weight"], ckpt["model"]["image.weight"])
+    no_digest = dict(legacy, version=2)
+    torch.save(no_digest, tmp_path / "stripped.pt")
+    with pytest.raises(ValueError, match=r"stripped\.pt: field 'integrity': expected the sha256 digests"):
+        load_checkpoint(tmp_path / "stripped.pt")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_nan_region_in_the_features_stops_training_naming_file_and_row(toy_method, data_dir, tmp_path, split):
+    import shutil
+
+    from itmkit.data.errors import DataFormatError
+
+    poisoned = tmp_path / "data"
+    shutil.copytree(data_dir, poisoned)
+    feats = np.load(poisoned / f"{split}_ims.npy")
+    feats[3, 1, 0] = np.nan  # one region of one image (used to give dev and test rsum 600)
+    np.save(poisoned / f"{split}_ims.npy", feats)
+    cfg = toy_config(poisoned, **{"train.epochs": 1})
+    with pytest.raises(DataFormatError, match=rf"{split}_ims\.npy: row 3, region 1, dim 0: expected finite region "
+                                              "features, found nan"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_nearly_collapsed_epochs_warn_but_stay_candidates(toy_method, data_dir, tmp_path, monkeypatch):
+    from itmkit.evaluate.collapse import ScoreCollapseWarning
+
+    original = ToyModel.similarity
+
+    def squeezed(self, images, captions, **kw):  # dev scores squeezed around 0.5, order kept
+        scores = original(self, images, captions, **kw)
+        return 0.5 + 2e-4 * scores if (not self.training and len(images) == 12) else scores
+
+    monkeypatch.setattr(ToyModel, "similarity", squeezed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(toy_config(data_dir), tmp_path / "run", progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ScoreCollapseWarning)]
+    assert len(messages) == 2 and all("the dev scores have nearly collapsed (std" in m for m in messages)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert not log["collapsed"].any() and (log["score_spread"] < 1e-3).all() and (log["score_spread"] > 1e-5).all()
+    assert result.finished and result.best_epoch == int(log["rsum"].idxmax()) + 1

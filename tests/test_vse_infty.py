@@ -349,7 +349,7 @@ def test_paper_presets_follow_the_recipe_table(name):
     cfg = METHOD.preset(name)
     t = cfg.train
     assert (t.epochs, t.batch_size, t.lr, t.lr_decay_epochs, t.lr_decay_factor) == (25, 128, 5e-4, (15,), 0.1)
-    assert (t.optimizer, t.grad_clip, t.margin, t.max_violation, t.sum_warmup_epochs) == ("adamw", 2.0, 0.2, True, 1)
+    assert (t.optimizer, t.grad_clip, t.margin, t.max_violation, t.sum_warmup_epochs) == ("adamw", 2.0, 0.2, False, 1)
     assert (cfg.model.embed_size, cfg.model.img_dim, cfg.model.pooling) == (1024, 2048, "gpo")
     assert cfg.data.region_drop == 0.2 and cfg.data.caption_augment and cfg.data.dev_max_captions == 5000
     assert cfg.data.test_split == ("testall" if "coco" in name else "test")
@@ -369,3 +369,26 @@ def test_cpu_presets_fit_the_embedded_sets():
     assert 64 <= course.model.embed_size <= 128 and 64 <= course.train.batch_size <= 128
     model = METHOD.build(smoke, 40)
     assert isinstance(model, VSEInfty) and model.text.embed.weight.shape == (40, 16)
+
+
+@pytest.mark.parametrize(
+    "saved_flag, warmup, saved_epoch, expected",
+    [
+        # saved during the warm-up (epoch 0 done, flag as the user gave it): the reference
+        # trains epoch 0 in sum mode and switches to hardest negatives from epoch 1
+        (False, 1, 1, [False, True, True]),
+        # saved after the warm-up: the reference itself set opt.max_violation = True
+        (True, 1, 20, [False, True, True]),
+        # --max_violation given and saved during the warm-up: hardest negatives from the start
+        (True, 1, 1, [True, True, True]),
+        (False, 2, 1, [False, False, True]),
+    ],
+)
+def test_a_converted_recipe_switches_to_hardest_negatives_as_the_reference(small_bigru_checkpoint, saved_flag, warmup,
+                                                                         saved_epoch, expected):
+    from itmkit.losses import use_max_violation
+
+    img, txt, checkpoint = small_bigru_checkpoint
+    opt = argparse.Namespace(**{**vars(checkpoint["opt"]), "max_violation": saved_flag, "vse_mean_warmup_epochs": warmup})
+    run_cfg, _ = convert_checkpoint({**checkpoint, "opt": opt, "epoch": saved_epoch})
+    assert [use_max_violation(e, run_cfg.train) for e in range(3)] == expected

@@ -108,8 +108,9 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> PairItem:
         index = int(index)
         caption = self.split.captions[index]
-        # Copy the row out of the memmap: items cross process boundaries in DataLoader workers.
-        image = np.array(self.split.images[self.split.row_of_caption(index)], dtype=np.float32)
+        # Copy the row out of the memmap (items cross process boundaries in DataLoader workers);
+        # a NaN/Inf value raises naming the file and row
+        image = self.split.feature_row(self.split.row_of_caption(index))
         if not self.train:
             return PairItem(image, self.pipeline.encode(caption), index // 5, index)
         rng = self.item_rng(index)

@@ -10,7 +10,11 @@ A precomp folder holds, per split (``train``, ``dev``, ``test``, ``testall``):
 
 Features are memory-mapped, never read whole (COCO train is ~33 GB). Everything else is checked
 when a split is opened; each problem raises :class:`~itmkit.data.errors.DataFormatError` naming
-the file, the field, what was expected and what was found.
+the file, the field, what was expected and what was found. Feature values are checked as they
+are read: every row the loaders hand out (:meth:`PrecompSplit.feature_row`,
+:meth:`PrecompSplit.image_block`) must be finite, so one NaN region stops training or evaluation
+with the file, row, region and dimension instead of scoring a model that means nothing;
+:func:`verify_precomp` scans whole files that way, a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,22 @@ CAPTIONS_PER_IMAGE = 5
 KNOWN_SPLITS = ("train", "dev", "test", "testall")
 # float16 is accepted so that a user may halve a 33 GB feature file; readers hand out float32.
 FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# rows per block when a whole feature file is scanned for NaN/Inf (36 x 2048 float32: ~300 KB a row)
+SCAN_ROWS = 256
+
+
+def check_finite_features(block: np.ndarray, path: Path, first_row: int, what: str = "region features") -> None:
+    """Raise :class:`DataFormatError` if ``block`` (rows ``first_row..`` of the ``[n_rows, K, D]``
+    array in ``path``) holds a NaN or an infinity, naming the first bad row, region and dim."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return
+    bad = np.argwhere(~finite)
+    row, *rest = (int(v) for v in bad[0])
+    where = f"row {first_row + row}" + (f", region {rest[0]}" if rest else "") + (f", dim {rest[1]}" if len(rest) > 1 else "")
+    last = first_row + block.shape[0] - 1
+    raise DataFormatError(path, where, f"finite {what}",
+                          f"{block[tuple(bad[0])]} ({len(bad)} non-finite values in rows {first_row}-{last})")
 
 
 def read_captions(path: str | Path) -> list[str]:
@@ -289,14 +309,44 @@ class PrecompSplit:
         """Feature row of caption ``c`` (``c // im_div``, the reference rule)."""
         return caption // self.im_div
 
+    @property
+    def features_path(self) -> Path:
+        return self.root / f"{self.split}_ims.npy"
+
+    def _file_row(self, row: int) -> int:
+        """Row of the features file for row ``row`` of this view (a subset starts further in)."""
+        return self.image_range[0] * self.image_step + row
+
+    def feature_row(self, row: int) -> np.ndarray:
+        """``[n_regions, dim]`` float32 copy of feature row ``row`` of this view, checked finite."""
+        values = np.array(self.images[row], dtype=np.float32)
+        check_finite_features(values[None], self.features_path, self._file_row(row))
+        return values
+
     def image_features(self, image: int) -> np.ndarray:
-        """``[n_regions, dim]`` float32 copy of one unique image's features."""
-        return np.array(self.images[image * self.image_step], dtype=np.float32)
+        """``[n_regions, dim]`` float32 copy of one unique image's features (checked finite)."""
+        return self.feature_row(image * self.image_step)
 
     def image_block(self, start: int, stop: int) -> np.ndarray:
-        """``[stop - start, n_regions, dim]`` float32 copy of unique images ``start:stop``."""
+        """``[stop - start, n_regions, dim]`` float32 copy of unique images ``start:stop``, checked
+        finite (a NaN raises :class:`DataFormatError` naming the file row)."""
         step = self.image_step
-        return np.array(self.images[start * step : stop * step : step], dtype=np.float32)
+        block = np.array(self.images[start * step : stop * step : step], dtype=np.float32)
+        if not np.isfinite(block).all():
+            for offset in range(block.shape[0]):  # name the file row of the first bad image
+                check_finite_features(block[offset : offset + 1], self.features_path, self._file_row((start + offset) * step))
+        return block
+
+    def check_features_finite(self, progress: bool = False) -> None:
+        """Scan every feature row (and box) of this view for NaN/Inf, :data:`SCAN_ROWS` rows at a
+        time (the memmap is never read whole); the first problem raises :class:`DataFormatError`."""
+        arrays = [(self.images, self.features_path, "region features")]
+        if self.boxes is not None:
+            arrays.append((self.boxes, self.root / f"{self.split}_boxes.npy", "boxes"))
+        for array, path, what in arrays:
+            starts = range(0, array.shape[0], SCAN_ROWS)
+            for start in tqdm(starts, desc=f"scanning {path.name}", disable=not progress, leave=False):
+                check_finite_features(np.asarray(array[start : start + SCAN_ROWS]), path, self._file_row(start), what)
 
     def subset(self, start: int, stop: int) -> "PrecompSplit":
         """A view on unique images ``start:stop`` and their captions (features stay memory-mapped)."""
@@ -412,8 +462,11 @@ def split_size_bytes(root: Path, split: str) -> int:
     return sum((root / n).stat().st_size for n in names if (root / n).is_file())
 
 
-def verify_precomp(root: str | Path, progress: bool = False):
+def verify_precomp(root: str | Path, progress: bool = False, check_values: bool = True):
     """Open every split of a precomp folder and summarise it, one row per split.
+
+    ``check_values`` also reads every feature and box value (a block of rows at a time) and
+    reports NaN or Inf with its file row; it reads the whole files (COCO train: ~33 GB).
 
     Returns:
         ``pandas.DataFrame`` with columns ``split, images, captions, im_div, regions, dim,
@@ -432,12 +485,13 @@ def verify_precomp(root: str | Path, progress: bool = False):
                "ids": None, "status": "ok", "problem": ""}
         try:
             opened = PrecompSplit.open(root, split)
-        except DataFormatError as err:
-            row.update(status="error", problem=str(err))
-        else:
             row.update(images=opened.n_images, captions=opened.n_captions, im_div=opened.im_div,
                        regions=opened.n_regions, dim=opened.feature_dim, dtype=str(opened.images.dtype),
                        boxes=opened.boxes is not None, ids=opened.ids_per)
+            if check_values:
+                opened.check_features_finite(progress)
+        except DataFormatError as err:
+            row.update(status="error", problem=str(err))
         rows.append(row)
     if not splits:
         problem = "no such folder" if not root.is_dir() else "no {split}_caps.txt or {split}_ims.npy files"

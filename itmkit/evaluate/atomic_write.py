@@ -1,13 +1,16 @@
 """Write result files so a crash never leaves a half-written one: temp file + ``os.replace``.
 
 ``os.replace`` is atomic on one file system, so a reader sees the old file or the new one,
-never a mix. Every file a run directory holds goes through these.
+never a mix. Every file a run directory holds goes through these. A process killed while
+writing leaves its temporary file (``.checkpoint.pt.<random>.tmp``) behind; the trainer and the
+evaluator remove those of their folder when they start (:func:`remove_stale_temp_files`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +37,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+# the names atomic_path gives: "." + target name + "." + mkstemp's 8 random characters + ".tmp" [+ suffix]
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files interrupted :func:`atomic_path` writes left in ``folder`` (not
+    below it); returns them. Call it only where no other process is writing into ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMP_NAME.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path, text: str) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from itmkit.evaluate.metrics import as_score_array
+from itmkit.evaluate.collapse import check_not_collapsed
+from itmkit.evaluate.metrics import as_score_array, check_finite_scores
 from itmkit.evaluate.protocols import evaluate_protocols
 from itmkit.evaluate.result import EvalResult
 from itmkit.evaluate.similarity_file import load_similarity
@@ -25,9 +26,11 @@ def _source_name(source, index: int) -> str:
 
 def average_similarities(sources: Sequence, weights: Sequence[float] | None = None,
                          allow_pickle: bool = False) -> np.ndarray:
-    """Weighted mean ``[n_img, n_cap]`` (float32) of two or more matrices or saved files.
+    """Weighted mean ``[n_img, n_cap]`` of two or more matrices or saved files: float32, or
+    float64 when any input is float64 (a float64 evaluation's ``sims.npy``).
 
-    ``weights=None`` gives equal weights; weights are normalised to sum to 1.
+    ``weights=None`` gives equal weights; weights are normalised to sum to 1. A NaN or an
+    infinity in any input raises, naming that input.
     """
     if len(sources) < 2:
         raise ValueError(f"ensemble: expected two or more similarity matrices, found {len(sources)}")
@@ -43,6 +46,7 @@ def average_similarities(sources: Sequence, weights: Sequence[float] | None = No
     matrices = []
     for i, src in enumerate(sources):
         S = load_similarity(src, allow_pickle=allow_pickle) if isinstance(src, (str, Path)) else as_score_array(src)
+        check_finite_scores(S, _source_name(src, i))
         matrices.append(S)
         if S.shape != matrices[0].shape:
             raise ValueError(
@@ -50,7 +54,8 @@ def average_similarities(sources: Sequence, weights: Sequence[float] | None = No
                 f"(as {_source_name(sources[0], 0)}), found {S.shape}"
             )
     n_img = matrices[0].shape[0]
-    mean = np.zeros(matrices[0].shape, dtype=np.float32)
+    dtype = np.float64 if any(S.dtype == np.float64 for S in matrices) else np.float32
+    mean = np.zeros(matrices[0].shape, dtype=dtype)
     for start in range(0, n_img, _ROWS_PER_CHUNK):
         rows = slice(start, start + _ROWS_PER_CHUNK)
         acc = np.zeros(mean[rows].shape, dtype=np.float64)
@@ -64,9 +69,12 @@ def evaluate_ensemble(sources: Sequence, protocols="test", weights: Sequence[flo
                       captions_per_image: int = 5, out_dir=None, allow_pickle: bool = False) -> EvalResult:
     """Average ``sources`` (paths or arrays), evaluate under ``protocols``; save to ``out_dir`` if given."""
     sims = average_similarities(sources, weights, allow_pickle=allow_pickle)
-    metrics = evaluate_protocols(sims, protocols, captions_per_image)
+    names = [_source_name(s, i) for i, s in enumerate(sources)]
+    source = f"ensemble of {', '.join(names)}"
+    check_not_collapsed(sims, source)
+    metrics = evaluate_protocols(sims, protocols, captions_per_image, source)
     info = {
-        "sources": [_source_name(s, i) for i, s in enumerate(sources)],
+        "sources": names,
         "weights": None if weights is None else [float(w) for w in weights],
     }
     result = EvalResult(sims=sims, metrics=metrics, info=info)

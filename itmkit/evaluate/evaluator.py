@@ -5,6 +5,16 @@
 2. :func:`similarity_matrix`: ``S [n_img, n_cap]``; embedding methods by a matrix product in
    caption shards, pairwise methods through ``model.similarity`` (the tiled engine).
 3. :mod:`itmkit.evaluate.protocols`: recalls under the chosen protocols.
+
+Scores are checked before ranking: NaN or Inf anywhere, or a collapsed matrix (every score
+alike, :mod:`itmkit.evaluate.collapse`), is an error naming the model and the split.
+
+Precision (``score_dtype``): ``"float32"`` by default (half the memory: a COCO 5K matrix is
+0.5 GB instead of 1 GB). ``"float64"`` reproduces the references exactly: their
+``encode_data`` stores embeddings in float64 arrays, so an embedding method's dot products run
+in float64 and near-ties order as theirs do (seen on a COCO 5K-sized matrix: one image and one
+caption one rank apart in float32). Pairwise methods score in float32 either way (so do the
+references, which only store those scores in float64); ``"float64"`` then just stores them so.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from tqdm.auto import tqdm
 from itmkit.data.loaders import image_batches, pad_token_lists
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
 from itmkit.encoded import Encoded
-from itmkit.evaluate.atomic_write import atomic_path
+from itmkit.evaluate.atomic_write import atomic_path, remove_stale_temp_files
+from itmkit.evaluate.collapse import check_not_collapsed
 from itmkit.evaluate.protocols import default_protocols, evaluate_protocols
 from itmkit.evaluate.result import EvalResult
 from itmkit.evaluate.similarity_file import save_similarity
@@ -35,9 +46,34 @@ __all__ = [
 _CAPTION_SHARD = 4096
 
 
+SCORE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 def _model_device(model: MatchingModel) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def score_dtype_of(score_dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"float64"`` (or the torch dtype) -> the torch dtype; others raise."""
+    if isinstance(score_dtype, torch.dtype) and score_dtype in SCORE_DTYPES.values():
+        return score_dtype
+    if isinstance(score_dtype, str) and score_dtype in SCORE_DTYPES:
+        return SCORE_DTYPES[score_dtype]
+    raise ValueError(f"score_dtype: expected one of {sorted(SCORE_DTYPES)}, found {score_dtype!r}")
+
+
+def _allocate_scores(out, shape: tuple[int, int], dtype: torch.dtype):
+    """The result buffer: ``out`` itself (shape checked), a memmapped ``.npy`` at a path, or a tensor."""
+    if isinstance(out, (str, Path)):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        return np.lib.format.open_memmap(out, mode="w+", dtype=np_dtype, shape=shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"similarity_matrix: out has shape {tuple(out.shape)}, expected {shape}")
+    return out
 
 
 @torch.no_grad()
@@ -104,14 +140,18 @@ def similarity_matrix(
     out: Tensor | np.ndarray | str | Path | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    score_dtype: str | torch.dtype = "float32",
     **engine_options,
 ) -> np.ndarray:
-    """``S [n_img, n_cap]`` float32 for encoded images and captions.
+    """``S [n_img, n_cap]`` (float32, or float64 with ``score_dtype="float64"``, see the module
+    docstring) for encoded images and captions.
 
     Embedding methods (§B.4): ``images.feats [n_img, d] @ captions.feats[shard].T`` per caption
-    shard. Pairwise methods: ``model.similarity`` (the memory-bounded engine). ``out`` may be a
-    preallocated array/tensor or a path for a memory-mapped ``.npy`` result.
+    shard, in ``score_dtype``. Pairwise methods: ``model.similarity`` (the memory-bounded engine,
+    float32 scores). ``out`` may be a preallocated array/tensor or a path for a memory-mapped
+    ``.npy`` result (created in ``score_dtype``).
     """
+    dtype = score_dtype_of(score_dtype)
     was_training = model.training
     model.eval()
     try:
@@ -119,34 +159,30 @@ def similarity_matrix(
             options = dict(engine_options, progress=progress)
             if device is not None:
                 options["device"] = device
-            sims = model.similarity(images, captions, out=out, **options)
+            result = _allocate_scores(out, (len(images), len(captions)), dtype)
+            sims = model.similarity(images, captions, out=result, **options)
         else:
-            sims = _embedding_similarity(model, images, captions, out, progress, device)
+            sims = _embedding_similarity(model, images, captions, out, progress, device, dtype)
     finally:
         model.train(was_training)
     if isinstance(sims, Tensor):
-        return sims.detach().float().cpu().numpy()
+        sims = sims.detach().cpu()
+        return (sims if sims.dtype == torch.float64 else sims.float()).numpy()
     return sims
 
 
-def _embedding_similarity(model, images: Encoded, captions: Encoded, out, progress, device) -> np.ndarray:
+def _embedding_similarity(model, images: Encoded, captions: Encoded, out, progress, device, dtype) -> np.ndarray:
     n_img, n_cap = len(images), len(captions)
-    if isinstance(out, (str, Path)):
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        result = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(n_img, n_cap))
-    elif out is None:
-        result = np.empty((n_img, n_cap), dtype=np.float32)
-    else:
-        if tuple(out.shape) != (n_img, n_cap):
-            raise ValueError(f"similarity_matrix: out has shape {tuple(out.shape)}, expected {(n_img, n_cap)}")
-        result = out
+    result = _allocate_scores(out, (n_img, n_cap), dtype)
     device = torch.device(device) if device is not None else _model_device(model)
-    img = images.to(device)
+    if dtype == torch.float64 and device.type == "mps":
+        device = torch.device("cpu")  # MPS has no float64
+    img = images.to(device, dtype)
     for start in tqdm(range(0, n_cap, _CAPTION_SHARD), desc="similarity", disable=not progress, leave=False):
-        cap = captions.slice(start, min(start + _CAPTION_SHARD, n_cap)).to(device)
-        block = model.similarity(img, cap).float().cpu()
+        cap = captions.slice(start, min(start + _CAPTION_SHARD, n_cap)).to(device, dtype)
+        block = model.similarity(img, cap).cpu()
         if isinstance(result, Tensor):
-            result[:, start : start + block.shape[1]] = block
+            result[:, start : start + block.shape[1]] = block.to(result.dtype)
         else:
             result[:, start : start + block.shape[1]] = block.numpy()
     if isinstance(result, np.memmap):
@@ -163,12 +199,23 @@ def evaluate_split(
     device: torch.device | str | None = None,
     progress: bool = True,
     sims_out: str | Path | None = None,
+    score_dtype: str | torch.dtype = "float32",
+    check_collapse: bool = True,
 ) -> EvalResult:
-    """Encode ``split``, build ``S``, evaluate under ``protocols`` (default by split name)."""
+    """Encode ``split``, build ``S``, evaluate under ``protocols`` (default by split name).
+
+    Non-finite scores raise :class:`~itmkit.evaluate.metrics.NonFiniteScoresError`, collapsed
+    ones :class:`~itmkit.evaluate.collapse.CollapsedScoresError` (unless ``check_collapse`` is
+    off: the trainer checks every epoch itself), both naming the model and the split.
+    """
     protocols = default_protocols(split.split) if protocols is None else protocols
     images, captions = encode_split(model, split, pipeline, batch_size, device, progress)
-    sims = similarity_matrix(model, images, captions, out=sims_out, progress=progress, device=device)
-    metrics = evaluate_protocols(sims, protocols, CAPTIONS_PER_IMAGE)
+    sims = similarity_matrix(model, images, captions, out=sims_out, progress=progress, device=device,
+                             score_dtype=score_dtype)  # fmt: skip
+    source = f"scores of {type(model).__name__} on {Path(split.root) / split.split}"
+    if check_collapse:
+        check_not_collapsed(sims, source)
+    metrics = evaluate_protocols(sims, protocols, CAPTIONS_PER_IMAGE, source)
     info = {"split": split.split, "data_dir": str(split.root), "n_images": split.n_images,
             "n_captions": split.n_captions, "method": type(model).__name__}  # fmt: skip
     return EvalResult(sims=sims, metrics=metrics, info=info)
@@ -185,26 +232,31 @@ def evaluate_model(
     device: torch.device | str | None = None,
     max_captions: int | None = None,
     progress: bool = True,
+    score_dtype: str | torch.dtype = "float32",
 ) -> EvalResult:
     """Evaluate ``model`` on ``data_dir/{split}_*`` and (optionally) save the results.
 
     Args:
         protocol: a protocol name or list (``"test"``, ``"f30k-1k"``, ``"coco-5k"``,
             ``"coco-5fold-1k"``); default: both COCO settings for ``testall``, else ``"test"``.
-        out_dir: if given, ``metrics.csv``, ``metrics.json`` and ``sims.npy`` (float32
-            ``[n_img, n_cap]``, the ``sims`` of §C.3; ``npts`` = its row count) are written there,
+        out_dir: if given, ``metrics.csv``, ``metrics.json`` and ``sims.npy`` (``[n_img, n_cap]``
+            in ``score_dtype``, the ``sims`` of §C.3; ``npts`` = its row count) are written there,
             each atomically. The matrix is written memory-mapped, so a COCO 5K matrix is never
-            held twice.
+            held twice. Temporary files an interrupted evaluation left there are removed first.
         max_captions: evaluate only the first captions (dev validation uses 5,000, §A.1).
+        score_dtype: ``"float32"`` (default) or ``"float64"`` (the references' precision; see the
+            module docstring).
     """
     if pipeline is None:
         raise ValueError("evaluate_model: a text pipeline is needed (itmkit.runs.load_run returns one)")
     opened = PrecompSplit.open(data_dir, split, max_captions=max_captions)
     if out_dir is None:
-        return evaluate_split(model, opened, pipeline, protocol, batch_size, device, progress)
+        return evaluate_split(model, opened, pipeline, protocol, batch_size, device, progress, score_dtype=score_dtype)
     out = Path(out_dir)
+    remove_stale_temp_files(out)
     with atomic_path(out / "sims.npy", suffix=".npy") as tmp:
-        result = evaluate_split(model, opened, pipeline, protocol, batch_size, device, progress, sims_out=tmp)
+        result = evaluate_split(model, opened, pipeline, protocol, batch_size, device, progress, sims_out=tmp,
+                                score_dtype=score_dtype)  # fmt: skip
         result.save(out, save_sims=False)
     result.sims = np.load(out / "sims.npy", mmap_mode="r")
     return result

@@ -63,11 +63,13 @@ def fold_slices(n_img: int, n_folds: int, captions_per_image: int = 5) -> list[t
     ]
 
 
-def evaluate_protocol(sims, protocol: str | Protocol, captions_per_image: int = 5) -> pd.DataFrame:
+def evaluate_protocol(sims, protocol: str | Protocol, captions_per_image: int = 5,
+                      source: str = "similarity matrix") -> pd.DataFrame:
     """Metrics of ``sims [n_img, n_cap]`` under one protocol, as a DataFrame (``METRIC_COLUMNS``).
 
     Whole-matrix protocols give one row with ``fold = "all"``; ``coco-5fold-1k`` gives rows
-    ``fold = "0" .. "4"`` and the summary row ``fold = "mean"``.
+    ``fold = "0" .. "4"`` and the summary row ``fold = "mean"``. ``source`` names the matrix in
+    errors (non-finite scores).
     """
     proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
     S = as_score_array(sims)
@@ -76,12 +78,13 @@ def evaluate_protocol(sims, protocol: str | Protocol, captions_per_image: int = 
     rows = []
     if proto.n_folds == 1:
         rows.append({"protocol": proto.name, "fold": "all", "n_images": n_img, "n_captions": n_cap,
-                     **recall_metrics(S, captions_per_image)})  # fmt: skip
+                     **recall_metrics(S, captions_per_image, source)})  # fmt: skip
     else:
         for f, (img_rows, cap_cols) in enumerate(fold_slices(n_img, proto.n_folds, captions_per_image)):
             block = np.asarray(S[img_rows, cap_cols])
             rows.append({"protocol": proto.name, "fold": str(f), "n_images": block.shape[0],
-                         "n_captions": block.shape[1], **recall_metrics(block, captions_per_image)})  # fmt: skip
+                         "n_captions": block.shape[1],
+                         **recall_metrics(block, captions_per_image, f"{source} (fold {f})")})  # fmt: skip
         folds = pd.DataFrame(rows)
         mean = {name: float(folds[name].mean()) for name in METRIC_NAMES}
         rows.append({"protocol": proto.name, "fold": "mean", "n_images": int(folds["n_images"].iloc[0]),
@@ -89,11 +92,11 @@ def evaluate_protocol(sims, protocol: str | Protocol, captions_per_image: int = 
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
-def evaluate_protocols(sims, protocols, captions_per_image: int = 5) -> pd.DataFrame:
+def evaluate_protocols(sims, protocols, captions_per_image: int = 5, source: str = "similarity matrix") -> pd.DataFrame:
     """:func:`evaluate_protocol` for each name in ``protocols``, rows stacked."""
     if isinstance(protocols, (str, Protocol)):
         protocols = [protocols]
-    frames = [evaluate_protocol(sims, p, captions_per_image) for p in protocols]
+    frames = [evaluate_protocol(sims, p, captions_per_image, source) for p in protocols]
     return pd.concat(frames, ignore_index=True)
 
 

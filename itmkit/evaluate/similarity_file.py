@@ -17,9 +17,10 @@ from itmkit.evaluate.metrics import as_score_array
 
 
 def save_similarity(path, sims) -> Path:
-    """Write ``sims [n_img, n_cap]`` as float32 ``.npy`` (atomically). Returns the path."""
+    """Write ``sims [n_img, n_cap]`` as a float32 ``.npy`` (float64 stays float64: a float64
+    evaluation's matrix keeps its precision), atomically. Returns the path."""
     S = as_score_array(sims)
-    save_npy(path, S.astype(np.float32, copy=False))
+    save_npy(path, S.astype(np.float64 if S.dtype == np.float64 else np.float32, copy=False))
     return Path(path)
 
 

@@ -494,7 +494,7 @@ def paper_preset(dataset: Literal["f30k", "coco"], variant: Literal["H", "A"]) -
             backbone_lr_scale=0.1,
             grad_clip=2.0,
             margin=0.2,
-            max_violation=True,
+            max_violation=False,  # hardest negatives from epoch 1, after the sum-mode warm-up
             sum_warmup_epochs=1,
             amp=False,  # the reference trains in full fp32 (§5)
         ),
@@ -520,7 +520,7 @@ def course_preset(variant: Literal["H", "A"] = "H") -> RunConfig:
             weight_decay=1e-4,
             grad_clip=2.0,
             margin=0.2,
-            max_violation=True,
+            max_violation=False,  # hardest negatives from epoch 1, after the sum-mode warm-up
             sum_warmup_epochs=1,
             log_every_steps=10,
         ),
@@ -662,7 +662,14 @@ def convert_checkpoint(
     comes from the level matrices and ``img_dim`` keeps its default; load it with
     :func:`itmkit.checkpoints.load_similarity_part`.
     """
-    from itmkit.checkpoints import apply_reference_recipe, open_reference_checkpoint, reference_dataset, strip_prefix
+    from itmkit.checkpoints import (
+        BERT_POSITION_IDS,
+        apply_reference_recipe,
+        open_reference_checkpoint,
+        reference_dataset,
+        reference_max_violation,
+        strip_prefix,
+    )
 
     name, checkpoint = open_reference_checkpoint(source)
     parts = checkpoint.get("model")
@@ -703,6 +710,8 @@ def convert_checkpoint(
         "sum_warmup_epochs": ("vse_mean_warmup_epochs", int),
     }  # fmt: skip
     apply_reference_recipe(train, opt, recipe)
+    # the saved flag is the reference's own switch once the warm-up is over (baselines.md §B.5)
+    train.max_violation = reference_max_violation(checkpoint, opt)
     return run_cfg, state
 
 

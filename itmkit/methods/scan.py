@@ -323,6 +323,7 @@ def course_preset(
         batch_size=32,
         eval_batch_size=128,
         log_every_steps=10,
+        max_violation=False,  # else hardest negatives from the first step, whatever the warm-up
         sum_warmup_epochs=2 if embedded == "course" else 1,
     )
     return RunConfig(

@@ -303,6 +303,7 @@ def course_preset(module: Literal["SGR", "SAF"] = "SGR", embedded: Literal["tiny
         data=DataConfig(data_dir=None, embedded_preset=embedded, region_drop=0.0, caption_augment=False),
         train=dataclasses.replace(
             _reference_train(epochs, max(1, (2 * epochs) // 3)), batch_size=32, lr=2e-3, eval_batch_size=128,
+            max_violation=False,  # else hardest negatives from the first step, whatever the warm-up
             sum_warmup_epochs=max(1, epochs // 2),  # course: 3 of 6 epochs; smoke: 1 of 2
         ),
     )

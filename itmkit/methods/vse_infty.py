@@ -27,6 +27,7 @@ from itmkit.checkpoints import (
     open_reference_checkpoint,
     opt_value,
     reference_dataset,
+    reference_max_violation,
     rename_keys,
     strip_prefix,
 )
@@ -215,7 +216,7 @@ def paper_preset(dataset: Literal["f30k", "coco"], text: Literal["bigru", "bert"
             backbone_lr_scale=0.1,
             grad_clip=2.0,
             margin=0.2,
-            max_violation=True,
+            max_violation=False,  # train_region.sh does not pass --max_violation: the warm-up decides
             sum_warmup_epochs=1,
         ),
     )
@@ -367,10 +368,11 @@ def convert_checkpoint(source: str | Path | dict[str, Any], hf_path: str | None 
         "batch_size": ("batch_size", int),
         "margin": ("margin", float),
         "grad_clip": ("grad_clip", float),
-        "max_violation": ("max_violation", bool),
         "sum_warmup_epochs": ("vse_mean_warmup_epochs", int),
     }
     apply_reference_recipe(train, opt, recipe)
+    # the saved flag is the reference's own switch once the warm-up is over (§B.5)
+    train.max_violation = reference_max_violation(checkpoint, opt)
     return run_cfg, state
 
 

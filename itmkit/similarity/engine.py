@@ -229,8 +229,9 @@ def pairwise_similarity(
         compute_dtype: ``torch.float16`` / ``torch.bfloat16`` to feed blocks in reduced
             precision (CUDA only; methods accumulate in fp32; results are stored in fp32).
             ``None``: the inputs' dtype.
-        out: preallocated ``[n_img, n_cap]`` tensor/array, or a path for a memory-mapped
-            ``.npy`` result. ``None`` allocates a tensor.
+        out: preallocated ``[n_img, n_cap]`` tensor/array (float32, or float64 to store the
+            scores as the references do), or a path for a memory-mapped float32 ``.npy`` result.
+            ``None`` allocates a float32 tensor.
         progress: show a tqdm bar (pairs scored).
         sort_captions: block captions by length (results are the same, faster).
 
@@ -280,7 +281,8 @@ def pairwise_similarity(
             if isinstance(result, np.ndarray):
                 result[rows, cols if isinstance(cols, slice) else cols.numpy()] = scores.cpu().numpy()
             else:
-                result[rows, cols] = scores.to(result.device)
+                # an index put needs equal dtypes: a float64 out takes the float32 scores exactly
+                result[rows, cols] = scores.to(result.device, result.dtype)
             bar.update(block.pairs)
     if isinstance(result, np.memmap):
         result.flush()

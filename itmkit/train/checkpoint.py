@@ -10,37 +10,119 @@ Two files per run directory:
 
 Only tensors, numbers, strings, lists and dicts are stored (RNG states are converted), so
 loading never unpickles arbitrary objects (baselines.md §F.2: resume restores everything).
+
+Integrity (format version 2): :func:`save_checkpoint` stores under ``"integrity"`` the sha256 of
+every tensor (its dtype, shape and bytes, by its path in the payload, e.g.
+``model/image.fc.weight``) and one of everything else; :func:`load_checkpoint` recomputes them
+and raises :class:`CorruptCheckpointError` naming the file and the damaged tensor. torch's zip
+container checks nothing of the kind: flipped bytes inside a tensor loaded silently before.
+Version-1 files (written before the check existed) load without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from itmkit.config import config_from_run_dict
+from itmkit.checkpoints import compare_state_dicts
 from itmkit.evaluate.atomic_write import atomic_path
 from itmkit.methods.registry import get_method
 from itmkit.runtime import pick_device
 from itmkit.train.pipeline_state import pipeline_from_description
 
 CHECKPOINT_FORMAT = "itmkit-run-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+INTEGRITY_KEY = "integrity"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's contents no longer match the digests stored when it was saved."""
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _walk(value: Any, path: str, tensors: dict[str, str], rest: "hashlib._Hash") -> None:
+    """Hash each tensor into ``tensors[path]`` and the layout and plain values into ``rest``."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = _tensor_digest(value)
+        rest.update(f"<tensor {path}>".encode())
+    elif isinstance(value, Mapping):
+        rest.update(f"{{{type(value).__name__}:{len(value)}".encode())
+        for key, item in value.items():
+            rest.update(f"{key!r}=".encode())
+            _walk(item, f"{path}/{key}" if path else str(key), tensors, rest)
+        rest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        rest.update(f"[{type(value).__name__}:{len(value)}".encode())
+        for index, item in enumerate(value):
+            _walk(item, f"{path}/{index}" if path else str(index), tensors, rest)
+        rest.update(b"]")
+    else:
+        rest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def integrity_digests(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"algorithm": "sha256", "tensors": {path: hex}, "rest": hex}`` of a checkpoint payload
+    (its ``"integrity"`` entry excluded)."""
+    tensors: dict[str, str] = {}
+    rest = hashlib.sha256()
+    _walk({k: v for k, v in payload.items() if k != INTEGRITY_KEY}, "", tensors, rest)
+    return {"algorithm": "sha256", "tensors": tensors, "rest": rest.hexdigest()}
+
+
+def verify_integrity(payload: Mapping[str, Any], path: str | Path) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``path`` and the damaged parts when the
+    payload does not match its stored digests."""
+    stored = payload.get(INTEGRITY_KEY)
+    if not isinstance(stored, Mapping) or stored.get("algorithm") != "sha256":
+        raise CorruptCheckpointError(
+            f"{path}: field {INTEGRITY_KEY!r}: expected the sha256 digests a version-{FORMAT_VERSION} checkpoint "
+            f"carries, found {type(stored).__name__ if not isinstance(stored, Mapping) else dict(stored).get('algorithm')!r}: "
+            "the file is corrupt or was not written by itmkit"
+        )
+    found = integrity_digests(payload)
+    want = dict(stored.get("tensors", {}))
+    damaged = sorted(k for k in set(want) | set(found["tensors"]) if want.get(k) != found["tensors"].get(k))
+    if damaged:
+        shown = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        raise CorruptCheckpointError(
+            f"{path}: integrity check failed: tensor {shown} does not match the sha256 stored when the file was "
+            "saved: the file is corrupt (damaged on disk or in a copy). Use another copy; a run folder's "
+            "checkpoint.pt and model_best.pt are written anew by training again (a new folder or --no-resume)"
+        )
+    if found["rest"] != stored.get("rest"):
+        raise CorruptCheckpointError(
+            f"{path}: integrity check failed: the non-tensor contents (config, text pipeline, training state) "
+            "do not match the sha256 stored when the file was saved: the file is corrupt. Use another copy"
+        )
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """``torch.save`` to a temp file beside ``path``, then ``os.replace`` (never half-written)."""
+    """``torch.save`` to a temp file beside ``path``, then ``os.replace`` (never half-written);
+    the payload gets ``format``, ``version`` and its integrity digests."""
     payload = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, **payload}
+    payload[INTEGRITY_KEY] = integrity_digests(payload)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; other files raise naming the field."""
+    """Read a checkpoint written by :func:`save_checkpoint`, verifying its integrity (version 2);
+    other or damaged files raise naming the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -55,6 +137,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: field 'format': expected {CHECKPOINT_FORMAT!r}, found {found!r}")
+    if payload.get("version", 1) >= 2:
+        verify_integrity(payload, path)
     return payload
 
 
@@ -70,12 +154,37 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device | None = 
     run_cfg = config_from_run_dict(ckpt["config"], str(path))
     pipeline = pipeline_from_description(ckpt["text_pipeline"], str(path))
     model = get_method(run_cfg.method).build(run_cfg, pipeline.vocab_size)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: field 'model': state dict does not fit {type(model).__name__}; "
-                         f"missing keys {list(missing)[:10]}, unexpected keys {list(unexpected)[:10]}")
+    load_model_weights(model, ckpt["model"], path)
     target = pick_device("auto" if device is None else str(device))
     return model.to(target).eval(), run_cfg, pipeline
+
+
+def load_model_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Load a checkpoint's ``model`` state into ``model``: every key and shape must match and
+    every floating tensor must be finite, else ``ValueError`` naming ``source``, the key, the
+    expected and the found shape (or the non-finite count). Nothing is loaded then."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source}: field 'model': expected a state dict, found {type(state).__name__}")
+    report = compare_state_dicts(model.state_dict(), state)
+    if not report.ok:
+        raise ValueError(f"{source}: field 'model': the weights do not fit the {type(model).__name__} that the "
+                         f"checkpoint's config builds:\n{report}")  # fmt: skip
+    check_finite_weights(state, source)
+    model.load_state_dict(dict(state), strict=True)
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], source: str | Path, field: str = "model") -> None:
+    """``ValueError`` naming the first floating tensor of ``state`` that holds NaN or Inf."""
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                n_nan = int(torch.isnan(tensor).sum())
+                raise ValueError(
+                    f"{source}: field '{field}.{key}': expected finite weights, found {n_nan} NaN and "
+                    f"{int((~finite).sum()) - n_nan} infinite of {tensor.numel()} values: the model diverged "
+                    "before this was saved; it cannot score anything"
+                )
 
 
 # --- RNG states as plain data ---------------------------------------------------------------

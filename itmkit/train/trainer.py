@@ -19,7 +19,22 @@ A run directory holds::
 Exact resume: batches come from ``(seed, epoch)`` with ``start_step`` skipping, augmentation
 from ``(seed, epoch, caption)``, and the checkpoint restores model, optimizer, scheduler, AMP
 scaler, RNG states, best score and history; a run killed mid-epoch and resumed ends with the
-same weights as an uninterrupted one (bit for bit on the CPU).
+same weights as an uninterrupted one (bit for bit on the CPU). ``log.csv`` and ``steps.csv``
+are rewritten from the checkpoint's history when a run resumes, so a kill between writing the
+checkpoint and writing the log loses no row. Temporary files of interrupted writes
+(``.checkpoint.pt.*.tmp``) are removed when a run starts.
+
+A broken model never looks good (docs/training_and_evaluation.md, "Failures"):
+
+- a non-finite loss (or gradient norm) stops the run with :class:`TrainingDivergedError`
+  before the step is applied; ``checkpoint.pt`` keeps the last good state (weights are
+  checked finite before every save);
+- non-finite dev scores stop it the same way;
+- the dev scores' spread is measured after every epoch (``score_spread`` = std / max |score|
+  in ``log.csv``, :mod:`itmkit.evaluate.collapse`): collapsed scores (every score alike) give a
+  :class:`ScoreCollapseWarning` and ``collapsed = True``, and that epoch is never selected as the
+  best; nearly collapsed ones a warning only. A run without one usable epoch ends with
+  :class:`NoUsableEpochError` instead of a ``model_best.pt``.
 """
 
 from __future__ import annotations
@@ -42,15 +57,18 @@ from itmkit.config import RunConfig, config_from_run_dict
 from itmkit.data.loaders import PairDataset, steps_per_epoch, train_batches
 from itmkit.data.precomp import PrecompSplit, list_splits
 from itmkit.data.text import build_text_pipeline
-from itmkit.evaluate.atomic_write import write_csv, write_json
+from itmkit.evaluate.atomic_write import remove_stale_temp_files, write_csv, write_json
+from itmkit.evaluate.collapse import ScoreCollapseWarning, score_spread
 from itmkit.evaluate.evaluator import evaluate_model, evaluate_split
-from itmkit.evaluate.metrics import METRIC_NAMES
-from itmkit.losses import ScoreCollapseWarning, hinge_collapsed, hinge_triplet_loss, use_max_violation
+from itmkit.evaluate.metrics import METRIC_NAMES, NonFiniteScoresError
+from itmkit.losses import hinge_triplet_loss, use_max_violation
 from itmkit.methods.registry import get_method
 from itmkit.models.base import MatchingModel
 from itmkit.runtime import pick_device, seed_everything
 from itmkit.train.checkpoint import (
+    check_finite_weights,
     load_checkpoint,
+    load_model_weights,
     model_from_checkpoint,
     plain_state_dict,
     rng_state_plain,
@@ -66,7 +84,20 @@ RESUMABLE_CHANGES = {
     "data.num_workers",
 }  # fmt: skip
 
-LOG_COLUMNS = ["epoch", "step", "loss", "lr", "max_violation", *[m for m in METRIC_NAMES], "epoch_seconds", "seconds"]
+LOG_COLUMNS = ["epoch", "step", "loss", "lr", "max_violation", *[m for m in METRIC_NAMES], "score_spread",
+               "collapsed", "epoch_seconds", "seconds"]  # fmt: skip
+STEP_COLUMNS = ["epoch", "step", "loss", "lr"]
+
+ADVICE = ("Lower train.lr (or check the features with `itmkit data verify`), then start over in a new --out "
+          "folder or with --no-resume (resume=False)")  # fmt: skip
+
+
+class TrainingDivergedError(ValueError):
+    """The loss, the gradients or the dev scores became NaN or infinite; the run stopped."""
+
+
+class NoUsableEpochError(ValueError):
+    """Every epoch ended with collapsed dev scores, so no model could be selected."""
 
 
 @dataclass
@@ -181,6 +212,7 @@ def train(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # left by writes a kill interrupted
     config_path, ckpt_path, best_path = out / "config.json", out / "checkpoint.pt", out / "model_best.pt"
     if resume and config_path.is_file():
         _check_config(out, run_cfg)
@@ -208,14 +240,19 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     state = TrainState()
 
+    last_good = f"nothing yet: {ckpt_path.name} has not been written"
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
+        load_model_weights(model, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["state"])
         set_rng_state_plain(ckpt["rng"])
+        last_good = _describe_position(state)
+        # the logs are part of what the checkpoint restores: a kill after the checkpoint was
+        # replaced and before log.csv / steps.csv were loses no row
+        _write_logs(out, state)
 
     def checkpoint_payload() -> dict[str, Any]:
         return {
@@ -230,8 +267,18 @@ def train(
         }
 
     def save_progress() -> None:
+        nonlocal last_good
+        check_finite_weights(model.state_dict(), f"{out}: model after step {state.global_step}")
         save_checkpoint(ckpt_path, checkpoint_payload())
-        write_csv(out / "steps.csv", pd.DataFrame(state.step_log, columns=["epoch", "step", "loss", "lr"]))
+        last_good = _describe_position(state)
+        write_csv(out / "steps.csv", pd.DataFrame(state.step_log, columns=STEP_COLUMNS))
+
+    def diverged(what: str, epoch: int) -> TrainingDivergedError:
+        return TrainingDivergedError(
+            f"{out}: epoch {epoch + 1}, step {state.global_step + 1}: {what}; training stopped (lr "
+            f"{optimizer.param_groups[0]['lr']:.3g}, hardest negatives {'on' if max_violation else 'off'}). "
+            f"{ckpt_path.name} keeps the last good state ({last_good}). {ADVICE}"
+        )
 
     dataset = PairDataset(*model.prepare_data(train_split, pipeline), train=True, region_drop=run_cfg.data.region_drop,
                           caption_augment=run_cfg.data.caption_augment, seed=tcfg.seed)  # fmt: skip
@@ -249,8 +296,12 @@ def train(
         bar = tqdm(batches, total=n_steps, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    disable=not progress, leave=False)  # fmt: skip
         for batch in bar:
-            loss = train_step(model, batch.to(device), optimizer, scaler, tcfg.margin, max_violation,
-                              tcfg.grad_clip, use_amp, step=state.global_step, epoch=epoch)  # fmt: skip
+            try:
+                loss = train_step(model, batch.to(device), optimizer, scaler, tcfg.margin, max_violation,
+                                  tcfg.grad_clip, use_amp, step=state.global_step, epoch=epoch)  # fmt: skip
+            except NonFiniteLossError as err:
+                bar.close()
+                raise diverged(str(err), epoch) from None
             state.step_in_epoch += 1
             state.global_step += 1
             state.epoch_loss_sum += loss
@@ -279,23 +330,37 @@ def train(
         # epoch end: decay, validate, keep the best, checkpoint
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        dev = evaluate_split(model, dev_split, pipeline, ["test"], tcfg.eval_batch_size, device, progress)
+        try:
+            dev = evaluate_split(model, dev_split, pipeline, ["test"], tcfg.eval_batch_size, device, progress,
+                                 check_collapse=False)  # collapse is judged below, without stopping  # fmt: skip
+        except NonFiniteScoresError as err:
+            raise diverged(f"the dev scores are not finite ({err})", epoch) from None
         dev_metrics = dev.summary.iloc[0]
+        spread = score_spread(dev.sims)
         state.seconds += time.perf_counter() - started
         row = {"epoch": epoch + 1, "step": state.global_step,
                "loss": state.epoch_loss_sum / max(1, state.epoch_loss_count), "lr": lr,
                "max_violation": max_violation, **{m: float(dev_metrics[m]) for m in METRIC_NAMES},
+               "score_spread": spread.relative, "collapsed": spread.collapsed,
                "epoch_seconds": state.seconds - state.epoch_start_seconds, "seconds": state.seconds}  # fmt: skip
         state.history.append(row)
-        if max_violation and hinge_collapsed(row["loss"], len(dataset), tcfg.batch_size, tcfg.margin):
+        if spread.collapsed:
             warnings.warn(
-                f"{out}: epoch {epoch + 1}: the mean hinge loss {row['loss']:.4f} is 2 x margin x batch size, "
-                "the value when every score of a batch is the same: the scores have collapsed and the "
-                "model no longer ranks (dev rsum stays low). Start hardest negatives later "
-                "(train.sum_warmup_epochs) or change train.lr; see docs/training_and_evaluation.md",
+                f"{out}: epoch {epoch + 1}: the dev scores have collapsed ({spread.describe()}): the model gives "
+                "every image-caption pair the same score and no longer ranks; this epoch is not a candidate for "
+                "model_best.pt. Start hardest negatives later (train.sum_warmup_epochs) or lower train.lr; see "
+                "docs/training_and_evaluation.md",
                 ScoreCollapseWarning, stacklevel=2,
             )
-        if row["rsum"] > state.best_rsum:
+        elif spread.nearly_collapsed:
+            warnings.warn(
+                f"{out}: epoch {epoch + 1}: the dev scores have nearly collapsed ({spread.describe()}): every score "
+                "is squeezed towards one value, as hardest negatives do when they start before the model ranks "
+                "well. If dev rsum stays low, start hardest negatives later (train.sum_warmup_epochs) or lower "
+                "train.lr; see docs/training_and_evaluation.md",
+                ScoreCollapseWarning, stacklevel=2,
+            )
+        if not spread.collapsed and row["rsum"] > state.best_rsum:
             state.best_rsum, state.best_epoch = row["rsum"], epoch + 1
             save_checkpoint(best_path, {"model": model.state_dict(), "config": _config_dict(run_cfg),
                                         "text_pipeline": pipeline_description, "epoch": epoch + 1,
@@ -309,8 +374,17 @@ def train(
                        f"(best {state.best_rsum:.2f} @ {state.best_epoch})")  # fmt: skip
 
     # finished: the best weights on the test split
+    if state.best_epoch == 0:
+        collapsed = [row["epoch"] for row in state.history if row.get("collapsed")]
+        raise NoUsableEpochError(
+            f"{out}: no epoch gave a usable model: the dev scores collapsed (every pair scored alike) after "
+            f"epoch{'s' if len(collapsed) > 1 else ''} {', '.join(map(str, collapsed)) or '(none logged)'}, so "
+            f"there is no model_best.pt and no test evaluation; see log.csv. Start hardest negatives later "
+            f"(train.sum_warmup_epochs) or lower train.lr, then start over in a new --out folder or with "
+            "--no-resume (resume=False)"
+        )
     best = load_checkpoint(best_path, map_location=device)
-    model.load_state_dict(best["model"])
+    load_model_weights(model, best["model"], best_path)
     test_metrics = None
     if run_cfg.data.test_split in list_splits(data_dir):
         test = evaluate_model(model, data_dir, run_cfg.data.test_split, pipeline, out_dir=out / "test",
@@ -326,6 +400,10 @@ def train(
 
 
 
+class NonFiniteLossError(ArithmeticError):
+    """:func:`train_step` found a NaN or infinite loss or gradient norm (the step was not applied)."""
+
+
 def train_step(model: MatchingModel, batch, optimizer, scaler, margin: float, max_violation: bool,
                grad_clip: float, use_amp: bool, step: int = 0, epoch: int = 0) -> float:
     """One optimisation step on a batch of ``B`` pairs; returns the loss (summed over the batch, §B.5).
@@ -334,6 +412,9 @@ def train_step(model: MatchingModel, batch, optimizer, scaler, margin: float, ma
     method (HREM: relations among the batch's items) supplies its own loss from the batch's
     training-mode encodings; ``step`` counts the optimisation steps already taken. Every other
     model gets the hinge loss on its score matrix.
+
+    Raises :class:`NonFiniteLossError` without touching the weights when the loss is not finite,
+    or (without AMP, whose scaler skips such steps itself) when the clipped gradients' norm is not.
     """
     device_type = batch.images.device.type
     custom_loss = getattr(model, "training_loss", None)
@@ -345,14 +426,32 @@ def train_step(model: MatchingModel, batch, optimizer, scaler, margin: float, ma
         loss = custom_loss(images, captions, batch, step=step, epoch=epoch, margin=margin, max_violation=max_violation)
     else:
         loss = hinge_triplet_loss(scores.float(), margin=margin, max_violation=max_violation)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"the training loss is {value}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        if not use_amp and not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"the gradient norm is {norm} (loss {value:.4g})")
     scaler.step(optimizer)
     scaler.update()
-    return float(loss.detach())
+    return value
+
+
+def _describe_position(state: TrainState) -> str:
+    if state.step_in_epoch == 0:
+        return f"after epoch {state.epoch}, step {state.global_step}"
+    return f"epoch {state.epoch + 1}, step {state.global_step}"
+
+
+def _write_logs(out: Path, state: TrainState) -> None:
+    """``log.csv`` (one row per finished epoch) and ``steps.csv`` from the training state."""
+    write_csv(out / "log.csv", pd.DataFrame(state.history, columns=LOG_COLUMNS))
+    write_csv(out / "steps.csv", pd.DataFrame(state.step_log, columns=STEP_COLUMNS))
 
 
 def _summary(metrics: pd.DataFrame | None) -> dict[str, float]:
