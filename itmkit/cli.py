@@ -6,6 +6,8 @@
     itmkit eval runs/x/model_best.pt [--data DIR] [--split test] [--protocol coco-5fold-1k] [--out DIR]
     itmkit ensemble a/sims.npy b/sims.npy --protocol coco-5fold-1k coco-5k [--weights 1 1]
     itmkit retrieve runs/x --caption 12 | --image 3 | --text "a red circle" [-k 5] [--split test]
+    itmkit study --methods vse_infty scan --seeds 0 1 2 [--preset course] [--out runs/study] [--compare scan:vse_infty]
+    itmkit diagnose runs/scan                        hard-negative (swap) scores of a run on the embedded test set
     itmkit data verify DIR                           check a precomp folder (layout and NaN/Inf values)
     itmkit data build-embedded --preset course       build (or find) the embedded data set
 
@@ -185,6 +187,43 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from itmkit.study import StudyPlan, compare_methods, reported_gaps, run_study
+
+    overrides = dict(parse_override(item) for item in (args.set or []))
+    plan = StudyPlan(args.methods, args.seeds, args.preset, args.data_seeds, args.data, overrides)
+    compare = []
+    for item in args.compare or []:
+        a, sep, b = item.partition(":")
+        if not sep or a not in plan.methods or b not in plan.methods:
+            raise ValueError(f"--compare {item!r}: expected A:B with both methods in --methods {list(plan.methods)}")
+        compare.append((a, b))
+    study = run_study(plan, args.out, progress=not args.quiet, device=args.device)
+    _print_table(study.runs.drop(columns=["run_dir"]).round(2))
+    print()
+    _print_table(study.summary[study.summary["metric"].isin(["rsum", "group_all"])].round(2))
+    from itmkit.evaluate.atomic_write import write_csv
+
+    if compare:
+        table = compare_methods(study, compare)
+        write_csv(Path(args.out) / "study_comparisons.csv", table)
+        print()
+        _print_table(table.drop(columns=["test"]).round(4))
+    gaps = reported_gaps(study.summary)
+    if not gaps.empty:
+        write_csv(Path(args.out) / "reported_gaps.csv", gaps)
+    print(f"\nsaved study_runs.csv, study_summary.csv{', study_comparisons.csv' if compare else ''} in {args.out}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from itmkit.study import diagnose_run
+
+    table = diagnose_run(args.run, progress=not args.quiet, device=args.device)
+    _print_table(table.round(1))
+    return 0
+
+
 def cmd_data_verify(args) -> int:
     from itmkit.data.precomp import verify_precomp
 
@@ -266,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("study", help="train methods x seeds and table the spread, paired tests and swap scores")
+    p.add_argument("--methods", nargs="+", required=True, help="registered method names")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--data-seeds", nargs="+", type=int, help="embedded-set seeds (default the preset's)")
+    p.add_argument("--preset", default="course", help="every method's preset (default course)")
+    p.add_argument("--data", help="precomp folder instead of the embedded set")
+    p.add_argument("--out", default="runs/study", help="study folder (default runs/study); reruns reuse its runs")
+    p.add_argument("--compare", nargs="+", metavar="A:B", help="paired tests of method A against B")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run, repeatable")
+    p.add_argument("--device", help="auto, cpu, cuda, mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("diagnose", help="hard-negative swap scores (text/image/group per swap kind) of a run")
+    p.add_argument("run", help="a run folder trained on the embedded set")
+    p.add_argument("--device", help="auto, cpu, cuda, mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("data", help="data tools: verify, build-embedded")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -225,6 +225,16 @@ def finish(text: str, rng: np.random.Generator) -> str:
     return text
 
 
+def focus_caption_slot(rng: np.random.Generator, n_captions: int = 5) -> int:
+    """The position of the caption that states both swapped objects of a hard-negative pair.
+
+    It is the first draw of the scene's caption generator, so
+    ``focus_caption_slot(np.random.default_rng(scene.caption_seed))`` finds it again from
+    ``scenes.json`` without rebuilding anything (the fine-grained diagnostics use that).
+    """
+    return int(rng.random() * n_captions)
+
+
 def scene_captions(scene: Scene, n_captions: int = 5) -> tuple[list[str], list[list[int]]]:
     """``n_captions`` distinct captions of ``scene`` and, for each, the objects it mentions.
 
@@ -236,7 +246,7 @@ def scene_captions(scene: Scene, n_captions: int = 5) -> tuple[list[str], list[l
     weights = np.array(base_weights, dtype=np.float64)
     captions: list[str] = []
     mentions: list[list[int]] = []
-    focus_slot = int(rng.random() * n_captions) if scene.swap else -1
+    focus_slot = focus_caption_slot(rng, n_captions) if scene.swap else -1
     attempts = 0
     while len(captions) < n_captions:
         attempts += 1
