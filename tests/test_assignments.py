@@ -98,8 +98,8 @@ def test_source_passes_its_own_tests(name):
 # Wrong answers a student could plausibly hand in: each must lose points (some graded cell fails).
 MUTANTS = {
     "recall_at_k": {
-        # ties counted against the positive (>=), and the first caption only instead of the best one
-        "recall_at_k": [("(sims > best_own[:, None])", "(sims >= best_own[:, None])"),
+        # ties given to the positive (the old strict rule), and the first caption only instead of the best one
+        "recall_at_k": [("((sims >= best_own[:, None]) & ~own)", "(sims > best_own[:, None])"),
                         ("best_own = np.where(own, sims, -np.inf).max(axis=1)", "best_own = sims[np.arange(n_img), np.arange(n_img) * captions_per_image]")],
     },
     "hinge_loss": {

@@ -158,7 +158,7 @@ def test_a_rerun_into_an_old_output_folder_never_reports_last_runs_numbers(tmp_p
     for stem in ("00_broken", "01_quiet"):
         (out / stem).mkdir(parents=True)
         (out / stem / "metrics.json").write_text(json.dumps({"rsum": 999.0, "i2t_r1": 99.0}))
-    frame = course.run_course(None, preset="smoke", out=out, notebooks_dir=folder, progress=False)
+    frame = runner.run_course(None, preset="smoke", out=out, notebooks_dir=folder, progress=False)
     assert frame["notebook"].tolist() == ["00_broken", "01_quiet"]
     assert frame["status"].tolist() == ["failed", "failed"]
     assert "RuntimeError" in frame["error"].iloc[0] and "metrics.json" in frame["error"].iloc[1]

@@ -10,8 +10,8 @@ belongs to image ``c // captions_per_image``.
 
 Each returns a :class:`TopK` (arrays, and :meth:`TopK.frame` as a long table). The rank of a
 query's best true match is the one :mod:`itmkit.evaluate.metrics` counts (``t2i_ranks`` /
-``i2t_ranks``), so a listing and the recalls always agree: among candidates with the same score,
-the best true match is listed at that rank and the others in index order.
+``i2t_ranks``), so a listing and the recalls always agree: among candidates with the same score the true
+matches are listed after the others (a tie counts against the query), then in index order.
 """
 
 from __future__ import annotations
@@ -83,26 +83,15 @@ def _query_indices(queries, n: int, what: str) -> np.ndarray:
     return index.astype(np.int64)
 
 
-def _ranked(scores: np.ndarray, k: int, best: np.ndarray | None, rank: np.ndarray | None) -> np.ndarray:
-    """``[q, k]`` candidate indices by score, ties in index order, except that each row's ``best``
-    candidate is listed at position ``rank[row]`` (which must lie among the candidates that
-    share its score, as the metrics' rank does)."""
+def _ranked(scores: np.ndarray, k: int, truth: np.ndarray | None) -> np.ndarray:
+    """``[q, k]`` candidate indices by score (higher first). Among equal scores the true matches
+    come after the others (the metrics count a tie against the query), then index order; so the
+    best true match lands exactly at the rank :mod:`itmkit.evaluate.metrics` gives it."""
     q, n = scores.shape
-    order = np.argsort(-scores, axis=1, kind="stable")
-    if best is None:
-        return order[:, :k]
-    current = np.argmax(order == best[:, None], axis=1)  # [q]
-    rows = np.arange(q)
-    inside = (rank >= 0) & (rank < n)
-    if not inside.all() or not np.array_equal(scores[rows, best], scores[rows, order[rows, rank]]):
-        raise ValueError("top-k retrieval: a metrics rank lies outside the true match's group of equal scores")
-    # move the best match from ``current`` to ``rank`` within its tie group, shifting the others
-    pos = np.arange(k)[None, :]
-    p, r = current[:, None], rank[:, None]
-    source = np.where((r < p) & (pos > r) & (pos <= p), pos - 1, pos)
-    source = np.where((r > p) & (pos >= p) & (pos < r), pos + 1, source)
-    source = np.where(pos == r, p, source)
-    return np.take_along_axis(order, source, axis=1)
+    if truth is None:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    index = np.broadcast_to(np.arange(n), (q, n))
+    return np.lexsort((index, truth.astype(np.int8), -scores), axis=-1)[:, :k]
 
 
 def _check_scores(scores: np.ndarray, queries: np.ndarray, k: int) -> None:
@@ -114,13 +103,12 @@ def _check_scores(scores: np.ndarray, queries: np.ndarray, k: int) -> None:
         raise ValueError(f"top-k retrieval: query {query}: expected finite scores, found NaN or inf")
 
 
-def _top_k(direction, queries, scores, k, truth=None, best=None, rank=None) -> TopK:
+def _top_k(direction, queries, scores, k, truth=None, rank=None) -> TopK:
     k = min(int(k), scores.shape[1])
     parts = []
     for start in range(0, len(queries), _QUERY_CHUNK):
         stop = start + _QUERY_CHUNK
-        parts.append(_ranked(scores[start:stop], k, None if best is None else best[start:stop],
-                             None if rank is None else rank[start:stop]))  # fmt: skip
+        parts.append(_ranked(scores[start:stop], k, None if truth is None else truth[start:stop]))
     indices = np.concatenate(parts) if parts else np.zeros((0, k), dtype=np.int64)
     listed = np.take_along_axis(scores, indices, axis=1)
     is_match = np.zeros_like(indices, dtype=bool) if truth is None else np.take_along_axis(truth, indices, axis=1)
@@ -140,7 +128,7 @@ def images_for_captions(sims, captions, k: int = 5, captions_per_image: int = CA
     _check_scores(scores, captions, k)
     rank = t2i_ranks(S, captions_per_image)[captions]
     truth = np.arange(n_img)[None, :] == own[:, None]
-    return _top_k("t2i", captions, scores, k, truth, own, rank)
+    return _top_k("t2i", captions, scores, k, truth, rank)
 
 
 def captions_for_images(sims, images, k: int = 5, captions_per_image: int = CAPTIONS_PER_IMAGE) -> TopK:
@@ -154,9 +142,7 @@ def captions_for_images(sims, images, k: int = 5, captions_per_image: int = CAPT
     _check_scores(scores, images, k)
     rank = i2t_ranks(S, captions_per_image)[images]
     truth = (np.arange(n_cap)[None, :] // captions_per_image) == images[:, None]
-    own = scores.reshape(len(images), n_img, captions_per_image)[np.arange(len(images)), images]  # [q, cpi]
-    best = images * captions_per_image + own.argmax(axis=1)
-    return _top_k("i2t", images, scores, k, truth, best, rank)
+    return _top_k("i2t", images, scores, k, truth, rank)
 
 
 def top_k(scores, k: int = 5) -> TopK:
