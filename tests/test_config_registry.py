@@ -68,7 +68,7 @@ def test_every_registered_method_builds_a_scoring_model_from_its_smoke_preset(na
     assert isinstance(model, MatchingModel)
     # smoke presets run on the tiny set, read as the method reads it (CEFG appends adjacency rows)
     split, _ = model.prepare_data(PrecompSplit.open(embedded_dataset("tiny"), "test"), None)
-    images = torch.as_tensor(np.asarray(split.images[:3]), dtype=torch.float32)
+    images = torch.as_tensor(np.array(split.images[:3]), dtype=torch.float32)  # a copy: the memmap is read-only
     assert images.shape[-1] >= embedded_feature_dim("tiny")
     low, high = (1000, 2000) if vocab_size is None else (4, vocab_size)
     tokens = torch.randint(low, high, (4, 6))
