@@ -20,7 +20,7 @@ from itmkit.data.loaders import image_batches, pad_token_lists
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
 from itmkit.encoded import Encoded
 from itmkit.evaluate.atomic_write import atomic_path
-from itmkit.evaluate.protocols import default_protocols, evaluate_protocols
+from itmkit.evaluate.protocols import Protocol, check_protocol_size, default_protocols, evaluate_protocols
 from itmkit.evaluate.result import EvalResult
 from itmkit.evaluate.similarity_file import save_similarity
 from itmkit.models.base import MatchingModel
@@ -52,6 +52,8 @@ def encode_split(
     ``[n_cap, d]`` for embedding methods, padded sets with lengths for pairwise ones.
     The model's train/eval mode is restored afterwards.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
@@ -155,8 +157,10 @@ def evaluate_split(
     progress: bool = True,
     sims_out: str | Path | None = None,
 ) -> EvalResult:
-    """Encode ``split``, build ``S``, evaluate under ``protocols`` (default by split name)."""
-    protocols = default_protocols(split.split) if protocols is None else protocols
+    """Encode ``split``, build ``S``, evaluate under ``protocols`` (default by split name and size)."""
+    protocols = default_protocols(split.split, split.n_images) if protocols is None else protocols
+    for name in [protocols] if isinstance(protocols, (str, Protocol)) else protocols:
+        check_protocol_size(name, split.n_images, split.n_captions, CAPTIONS_PER_IMAGE)  # before encoding
     images, captions = encode_split(model, split, pipeline, batch_size, device, progress)
     sims = similarity_matrix(model, images, captions, out=sims_out, progress=progress, device=device)
     metrics = evaluate_protocols(sims, protocols, CAPTIONS_PER_IMAGE)
