@@ -11,7 +11,9 @@
     itmkit data verify DIR                           check a precomp folder (layout and NaN/Inf values)
     itmkit data build-embedded --preset course       build (or find) the embedded data set
 
-Every subcommand has ``--help``. Errors print one line naming what was wrong and exit 1.
+Every subcommand has ``--help``. Errors print one line naming what was wrong and exit 1 (2 for a
+malformed command line). ``--threads N`` (or ``ITMKIT_THREADS``) sets torch's CPU threads; the
+default is the CPUs this process may use.
 """
 
 from __future__ import annotations
@@ -25,17 +27,40 @@ from typing import Any
 import pandas as pd
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.epochs=3"`` -> ``("train.epochs", 3)``: values are JSON when they parse
-    (numbers, true/false, null, lists), otherwise strings."""
+def parse_override(text: str) -> tuple[str, str]:
+    """``"train.epochs=3"`` -> ``("train.epochs", "3")``. The value stays text: the config field's
+    type reads it (:func:`itmkit.config_checks.parse_value`), so ``3``, ``yes``, ``[15, 20]``,
+    ``null`` mean what the field needs and a path or split name stays a string."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    return key.strip(), raw.strip()
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--max-steps 0`` would train nothing and say it did)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, found {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, found {text!r}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (what is wrong, and where the help is), exit 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _print_table(frame: pd.DataFrame) -> None:
@@ -72,32 +97,41 @@ def cmd_presets(args) -> int:
 
 
 def build_run_config(args):
-    from itmkit.config import replace_nested
+    """The preset of ``args.method`` with ``--set``, ``--data``, ``--seed``, ``--device`` applied;
+    every value checked by name, type and range (``ValueError`` naming the option)."""
+    from itmkit.config import ConfigError, replace_nested
     from itmkit.methods.registry import get_method
 
     cfg = get_method(args.method).preset(args.preset)
-    overrides = dict(parse_override(item) for item in args.set or [])
-    if args.data is not None:
-        overrides["data.data_dir"] = str(args.data)
-    if args.seed is not None:
-        overrides["train.seed"] = args.seed
-    if args.device is not None:
-        overrides["train.device"] = args.device
-    for key, value in overrides.items():
-        try:
-            cfg = replace_nested(cfg, {key: value})
-        except KeyError as err:  # name the whole dotted key the user typed
-            raise KeyError(f"--set {key}={value!r}: {err.args[0] if err.args else err}") from None
-    return cfg
+    overrides, origin = {}, {}
+    for item in args.set or []:
+        key, value = parse_override(item)
+        overrides[key], origin[key] = value, f"--set {key}={value}"
+    for flag, key, value in (("--data", "data.data_dir", args.data), ("--seed", "train.seed", args.seed),
+                             ("--device", "train.device", args.device)):  # fmt: skip
+        if value is not None:
+            overrides[key], origin[key] = str(value), f"{flag} {value}"
+    try:
+        return replace_nested(cfg, overrides)
+    except ConfigError as err:
+        given = origin.get(err.key.split("[")[0])
+        if given is None:
+            raise
+        raise ValueError(f"{given}: {err.key}: expected {err.expected}, found {err.found!r}") from None
 
 
 def cmd_train(args) -> int:
-    from itmkit.train.trainer import train
+    from itmkit.train.trainer import RunConfigMismatch, train
 
     cfg = build_run_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.preset}"
     print(f"training {cfg.method} ({cfg.preset}) into {out}", file=sys.stderr)
-    result = train(cfg, out, resume=not args.no_resume, progress=not args.quiet, max_steps=args.max_steps)
+    try:
+        result = train(cfg, out, resume=not args.no_resume, progress=not args.quiet, max_steps=args.max_steps)
+    except RunConfigMismatch as err:  # say it with this command's options, not train()'s arguments
+        raise ValueError(f"{err.path}: the run in this folder used another config; differing fields: "
+                         f"{'; '.join(err.differences)}. Use another --out DIR, or add --no-resume to "
+                         "start over in this folder (its run files are replaced)") from None
     if not result.finished:
         print(f"stopped after --max-steps; resume with the same command. Checkpoint: {out / 'checkpoint.pt'}")
         return 0
@@ -244,8 +278,12 @@ def cmd_data_build_embedded(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from itmkit.evaluate.protocols import PROTOCOLS
 
-    parser = argparse.ArgumentParser(prog="itmkit", description="Fine-grained image-text matching: train, "
-                                     "evaluate and ensemble methods on SCAN precomp data.")  # fmt: skip
+    parser = OneLineParser(prog="itmkit", description="Fine-grained image-text matching: train, "
+                           "evaluate and ensemble methods on SCAN precomp data.")  # fmt: skip
+    threads = OneLineParser(add_help=False)
+    threads.add_argument("--threads", type=positive_int, metavar="N",
+                         help="CPU threads for torch (default: $ITMKIT_THREADS, else the CPUs this process may use; "
+                              "1 where many people share the cores)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("methods", help="list registered methods and their presets")
@@ -256,20 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", nargs="?")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("train", help="train a method (resumes an existing run directory)")
+    p = sub.add_parser("train", help="train a method (resumes an existing run directory)", parents=[threads])
     p.add_argument("--method", required=True, help="registered method name (see `itmkit methods`)")
     p.add_argument("--preset", default="course", help="preset name: smoke, course, paper, ... (default course)")
     p.add_argument("--data", help="precomp folder (default: the preset's; embedded set when none)")
     p.add_argument("--out", help="run directory (default runs/<method>-<preset>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable: train.epochs=3")
-    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--seed", type=non_negative_int, help="train.seed")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--max-steps", type=int, help="stop after N steps (checkpointed; run again to resume)")
+    p.add_argument("--max-steps", type=positive_int, metavar="N",
+                   help="stop after N >= 1 steps (checkpointed; run again to resume)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint (model_best.pt or a run directory)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint (model_best.pt or a run directory)", parents=[threads])
     p.add_argument("checkpoint", help="model_best.pt / checkpoint.pt or a run directory")
     p.add_argument("--data", help="precomp folder (default: the run's data)")
     p.add_argument("--split", default="test", help="split name: test, testall, dev (default test)")
@@ -277,14 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: coco-5fold-1k and coco-5k for testall, else test (whole matrix)")
     p.add_argument("--out", help="output folder (default <checkpoint folder>/eval-<split>)")
     p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-captions", type=int, help="only the first N captions (dev validation uses 5000)")
+    p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="items encoded at once (default 256)")
+    p.add_argument("--max-captions", type=positive_int, metavar="N",
+                   help="only the first N captions, a multiple of 5 (dev validation uses 5000)")
     p.add_argument("--float64", action="store_true",
                    help="score in float64 as the references do (exact reproduction; default float32, half the memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("ensemble", help="average saved similarity matrices (sims.npy) and evaluate")
+    p = sub.add_parser("ensemble", help="average saved similarity matrices (sims.npy) and evaluate", parents=[threads])
     p.add_argument("sims", nargs="+", help="two or more sims.npy files over the same split")
     p.add_argument("--protocol", nargs="+", default=["test"], choices=sorted(PROTOCOLS))
     p.add_argument("--weights", nargs="+", type=float, help="one weight per matrix (default equal)")
@@ -331,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("folder")
     q.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan (it reads every feature value)")
     q.set_defaults(func=cmd_data_verify)
-    q = data_sub.add_parser("build-embedded", help="build (or reuse) the embedded data set and print its folder")
+    q = data_sub.add_parser("build-embedded", help="build (or reuse) the embedded data set and print its folder",
+                            parents=[threads])  # fmt: skip
     q.add_argument("--preset", default="course", choices=["tiny", "course"])
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=non_negative_int, default=0)
     q.add_argument("--root", help="parent folder (default the itmkit cache)")
     q.add_argument("--force", action="store_true", help="rebuild even if a complete copy exists")
     q.set_defaults(func=cmd_data_build_embedded)
@@ -341,11 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``itmkit`` command. A user's mistake (a bad setting, a missing or malformed file, a
+    device this machine lacks, a missing optional package) prints one line naming it and
+    returns 1; argparse's own errors exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from itmkit.runtime import configure_threads
+
+        configure_threads(getattr(args, "threads", None))
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, TypeError, IndexError) as err:
+    except (ValueError, KeyError, OSError, TypeError, ImportError, IndexError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"itmkit {args.command}: error: {message}", file=sys.stderr)
         return 1

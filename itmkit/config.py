@@ -9,10 +9,32 @@ real precomp data; a GPU and hours). See ``../shared/COURSE.md`` and baselines.m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from itmkit.config_checks import (
+    ConfigError,
+    DeviceName,
+    Fraction,
+    NonEmptyText,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PathText,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    Seed,
+    check_config,
+    field_hints,
+    parse_value,
+)
+
+__all__ = ["TextConfig", "DataConfig", "TrainConfig", "RunConfig", "ConfigError", "check_config",
+           "replace_nested", "config_from_dict"]  # fmt: skip
 
 
 @dataclass
@@ -27,61 +49,62 @@ class TextConfig:
     """
 
     kind: Literal["bigru", "hf"] = "bigru"
-    vocab_path: str | None = None
-    vocab_threshold: int = 4
-    hf_path: str | None = None
-    word_dim: int = 300
-    max_tokens: int = 64
+    vocab_path: PathText | None = None
+    vocab_threshold: PositiveInt = 4
+    hf_path: PathText | None = None
+    word_dim: PositiveInt = 300
+    max_tokens: Annotated[int, Range(3, why="[CLS], one piece and [SEP]")] = 64
 
 
 @dataclass
 class DataConfig:
     """Where the precomp data lives. ``data_dir=None`` means the embedded set of ``embedded_preset``."""
 
-    data_dir: str | None = None
+    data_dir: PathText | None = None
     embedded_preset: Literal["tiny", "course"] = "course"
-    embedded_seed: int = 0
-    train_split: str = "train"
-    dev_split: str = "dev"
-    test_split: str = "test"
-    dev_max_captions: int | None = 5000  # references validate on the first 5,000 dev captions
-    region_drop: float = 0.2  # VSE∞ §A.5: training-time region dropping; 0 disables
+    embedded_seed: Seed = 0
+    train_split: NonEmptyText = "train"
+    dev_split: NonEmptyText = "dev"
+    test_split: NonEmptyText = "test"
+    # references validate on the first 5,000 dev captions; whole images only (5 captions each)
+    dev_max_captions: Annotated[int, Range(5, multiple_of=5)] | None = 5000
+    region_drop: Fraction = 0.2  # VSE∞ §A.5: training-time region dropping; 0 disables
     caption_augment: bool = True  # VSE∞ §A.5: mask / random / delete tokens in training
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
 
 
 @dataclass
 class TrainConfig:
     """Optimisation recipe (baselines.md §B.5–B.6 by default)."""
 
-    epochs: int = 25
-    batch_size: int = 128
-    lr: float = 5e-4
-    lr_decay_epochs: tuple[int, ...] = (15,)
-    lr_decay_factor: float = 0.1
+    epochs: PositiveInt = 25
+    batch_size: Annotated[int, Range(2, why="the hinge loss needs a negative pair in the batch")] = 128
+    lr: NonNegativeFloat = 5e-4  # 0 freezes the weights: the untrained baseline of a comparison
+    lr_decay_epochs: tuple[NonNegativeInt, ...] = (15,)
+    lr_decay_factor: Annotated[float, Range(0, 1, low_open=True)] = 0.1
     optimizer: Literal["adamw", "adam"] = "adamw"
-    weight_decay: float = 1e-4
-    backbone_lr_scale: float = 0.1  # BERT-like text backbones train at lr * 0.1 (VSE∞ master)
-    grad_clip: float = 2.0
-    margin: float = 0.2
+    weight_decay: NonNegativeFloat = 1e-4
+    backbone_lr_scale: NonNegativeFloat = 0.1  # BERT-like text backbones train at lr * 0.1 (VSE∞ master)
+    grad_clip: NonNegativeFloat = 2.0  # 0 disables clipping
+    margin: NonNegativeFloat = 0.2
     # hardest negatives when ``max_violation or epoch >= sum_warmup_epochs`` (the reference rule,
     # baselines.md §B.5): max_violation = hardest from the first step (VSE∞'s --max_violation);
     # otherwise sum mode for sum_warmup_epochs epochs (>= epochs: sum mode throughout)
     max_violation: bool = False
-    sum_warmup_epochs: int = 1
+    sum_warmup_epochs: NonNegativeInt = 1  # VSE∞: sum-mode hinge for this many epochs, then hardest negatives
     amp: bool = True  # only ever used on CUDA
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every_steps: int = 0  # 0: only at epoch ends; >0 also mid-epoch (exact resume)
-    eval_batch_size: int = 256
-    log_every_steps: int = 20
+    seed: Seed = 0
+    device: DeviceName = "auto"
+    checkpoint_every_steps: NonNegativeInt = 0  # 0: only at epoch ends; >0 also mid-epoch (exact resume)
+    eval_batch_size: PositiveInt = 256
+    log_every_steps: PositiveInt = 20
 
 
 @dataclass
 class RunConfig:
     """Everything a run needs: method name, its model config, text, data and training settings."""
 
-    method: str
+    method: NonEmptyText
     model: Any
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -98,24 +121,62 @@ class RunConfig:
 def replace_nested(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of a dataclass with dotted overrides applied, e.g. ``{"train.epochs": 3}``.
 
-    Unknown fields raise ``KeyError`` naming the full dotted key, so a typo never passes silently.
+    Each value is read by its field's annotation (:func:`itmkit.config_checks.parse_value`):
+    text such as ``"3"``, ``"yes"``, ``"15,20"`` or ``"null"`` becomes the field's type, and
+    type, range and choices are checked. The whole result is then checked
+    (:func:`~itmkit.config_checks.check_config`, cross-field rules included), so a set of
+    overrides is judged as a whole. Unknown fields raise ``KeyError`` naming the full dotted
+    key, bad values :class:`~itmkit.config_checks.ConfigError` naming it too.
     """
-    cfg = dataclasses.replace(cfg)
+    cfg = _copy_tree(cfg)
+    touched = {}
     for dotted, value in overrides.items():
-        head, _, rest = dotted.partition(".")
-        if not dataclasses.is_dataclass(cfg) or head not in {f.name for f in dataclasses.fields(cfg)}:
-            raise KeyError(f"config override {dotted!r}: no field {head!r} in {type(cfg).__name__}")
-        if rest:
-            try:
-                setattr(cfg, head, replace_nested(getattr(cfg, head), {rest: value}))
-            except KeyError as err:
-                raise KeyError(f"config override {dotted!r}: {err.args[0]}") from None
-        else:
-            current = getattr(cfg, head)
-            if isinstance(current, tuple) and isinstance(value, list):
-                value = tuple(value)
-            setattr(cfg, head, value)
+        parent, name = _resolve(cfg, dotted)
+        current = getattr(parent, name)
+        if dataclasses.is_dataclass(current):  # a whole section: only as an object of its class
+            if not isinstance(value, type(current)):
+                raise KeyError(f"config override {dotted!r}: {dotted} is a section ({type(current).__name__}); "
+                               f"set its fields one by one, e.g. {dotted}.{dataclasses.fields(current)[0].name}=..., "
+                               f"or give a {type(current).__name__}")  # fmt: skip
+            setattr(parent, name, _copy_tree(value))
+            continue
+        setattr(parent, name, parse_value(dotted, value, field_hints(type(parent))[name]))
+        touched[id(parent)] = parent
+    check_config(cfg)
+    for section in touched.values():
+        if hasattr(section, "__post_init__"):
+            section.__post_init__()  # the class's own normalisation (e.g. SCAN's name aliases)
     return cfg
+
+
+def _copy_tree(cfg: Any) -> Any:
+    """A copy of a dataclass and of every dataclass inside it (no ``__post_init__`` run)."""
+    new = copy.copy(cfg)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            object.__setattr__(new, f.name, _copy_tree(value))
+    return new
+
+
+def _resolve(cfg: Any, dotted: str) -> tuple[Any, str]:
+    """The dataclass that holds the last part of ``dotted``, and that part's name."""
+    *path, name = dotted.split(".")
+    node = cfg
+    for depth, part in enumerate([*path, name]):
+        where = ".".join(path[:depth])
+        if not dataclasses.is_dataclass(node):
+            raise KeyError(f"config override {dotted!r}: {where} is a value, not a section with fields")
+        fields = [f.name for f in dataclasses.fields(node)]
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"; did you mean {'.'.join([*path[:depth], close[0]])!r}?" if close else ""
+            section = f"{where} ({type(node).__name__})" if where else type(node).__name__
+            raise KeyError(f"config override {dotted!r}: no field {part!r} in {section}; "
+                           f"its fields: {', '.join(sorted(fields))}{hint}")  # fmt: skip
+        if depth < len(path):
+            node = getattr(node, part)
+    return node, name
 
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:

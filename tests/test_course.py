@@ -5,6 +5,7 @@ papermill, so they exercise the real kernel path in a few seconds.
 """
 
 import json
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -268,3 +269,43 @@ def test_list_markdown_prints_the_notebook_table(toy_course, capsys):
     assert capsys.readouterr().out == (
         "| notebook | title |\n| --- | --- |\n| `00_fails` | A test notebook |\n| `01_reports` | A test notebook |\n"
     )
+
+
+# --- issue 14 §4, §7: the runner's own mistakes are one line; kernels get the thread setting ------
+def test_each_kernel_gets_the_thread_setting(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _write_notebook(folder / "00_threads.ipynb", [
+        "import os\nimport torch\nfrom itmkit.course import write_metrics\nfrom itmkit.runtime import configure_threads",
+        "write_metrics(out_dir, {'env': os.environ.get('ITMKIT_THREADS'), 'omp': os.environ.get('OMP_NUM_THREADS'),\n"
+        "                        'torch_threads': torch.get_num_threads(), 'configured': configure_threads()})",
+    ])  # fmt: skip
+    monkeypatch.setenv("ITMKIT_THREADS", "2")  # the runner's own environment: the flag wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    frame = runner.run_course(None, out=tmp_path / "out", notebooks_dir=folder, progress=False, threads=1)
+    row = frame.set_index("notebook").loc["00_threads"]
+    assert row["status"] == "ok", row["error"]
+    assert row["env"] == "1" and row["omp"] == "1" and row["torch_threads"] == 1 and row["configured"] == 1
+    assert os.environ["ITMKIT_THREADS"] == "2" and os.environ["OMP_NUM_THREADS"] == "2"  # restored
+
+
+def test_runner_mistakes_are_one_line(toy_course, tmp_path, capsys):
+    rc = runner.main(["run", "nope", "--out", str(tmp_path), "--notebooks", str(toy_course)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "notebook 'nope'" in err and "00_fails" in err
+    rc = runner.main(["run", "01", "--threads", "0", "--out", str(tmp_path), "--notebooks", str(toy_course)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "threads: expected a positive integer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_course_run_without_papermill_says_what_to_install(toy_course, tmp_path):
+    import subprocess
+
+    script = ("import sys; sys.modules['papermill'] = None\n"  # as if the course extra were not installed
+              "from itmkit.course.runner import main\n"
+              f"raise SystemExit(main(['run', '01', '--out', {str(tmp_path)!r}, '--notebooks', {str(toy_course)!r}]))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs papermill" in lines[0] and "pip install -e '.[course]'" in lines[0]

@@ -317,3 +317,63 @@ def test_non_finite_boxes_are_reported_by_verify(tmp_path):
     np.save(tmp_path / "dev_boxes.npy", boxes)
     problem = verify_precomp(tmp_path).loc[0, "problem"]
     assert "dev_boxes.npy: row 1, region 0, dim 3: expected finite boxes, found nan" in problem
+
+
+# --- issue 14 §5: a byte-order mark, and feature rows that only look repeated -------------------
+def test_utf8_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
+    from itmkit.data.precomp import read_ids, read_id_mapping
+    from itmkit.data.vocab import Vocabulary
+
+    write_split(tmp_path, "test", n_img=2)
+    caps = tmp_path / "test_caps.txt"
+    plain = read_captions(caps)
+    caps.write_bytes(b"\xef\xbb\xbf" + caps.read_bytes())
+    with_bom = read_captions(caps)
+    assert with_bom == plain and with_bom[0] == "image 0 caption 0"
+    vocab = Vocabulary.build(plain, threshold=1)
+    assert vocab.encode(with_bom[0]) == vocab.encode(plain[0])
+    assert Vocabulary.UNK not in vocab.encode(with_bom[0])
+    ids = tmp_path / "test_ids.txt"
+    ids.write_bytes(b"\xef\xbb\xbf" + ids.read_bytes())
+    assert read_ids(ids).tolist() == [1000, 1001]
+    mapping = tmp_path / "id_mapping.json"
+    mapping.write_bytes(b"\xef\xbb\xbf" + json.dumps({"1000": "a.jpg"}).encode())
+    assert read_id_mapping(mapping) == {"1000": "a.jpg"}
+    assert PrecompSplit.open(tmp_path, "test").captions[0] == "image 0 caption 0"
+
+
+def _rows_as_captions(root: Path, rows: np.ndarray) -> None:
+    np.save(root / "test_ims.npy", rows)
+    (root / "test_caps.txt").write_text("".join(f"caption {i}\n" for i in range(len(rows))))
+
+
+def test_one_distinct_row_per_caption_is_refused_not_read_every_fifth(tmp_path):
+    rows = np.random.default_rng(0).standard_normal((10, 2, 3)).astype(np.float32)  # 10 different rows
+    _rows_as_captions(tmp_path, rows)
+    with pytest.raises(DataFormatError) as caught:
+        PrecompSplit.open(tmp_path, "test")
+    err = caught.value
+    assert err.path == tmp_path / "test_ims.npy" and err.field == "rows 0-4"
+    assert "found row 1 differing from row 0" in str(err) and "im_div 1" in str(err)
+    # only image 1's group differs (row 7): named precisely
+    repeated = np.repeat(rows[:2], 5, axis=0)
+    repeated[7, 1, 2] += 1.0
+    _rows_as_captions(tmp_path, repeated)
+    with pytest.raises(DataFormatError, match=r"rows 5-9: .*found row 7 differing from row 5"):
+        PrecompSplit.open(tmp_path, "test")
+    # truly repeated rows (NaN included: equal to themselves here) open as im_div 1
+    repeated = np.repeat(rows[:2], 5, axis=0)
+    repeated[:5, 0, 0] = np.nan
+    _rows_as_captions(tmp_path, repeated)
+    assert PrecompSplit.open(tmp_path, "test").im_div == 1
+
+
+def test_large_repeated_files_are_checked_on_a_sample_that_includes_the_last_image(tmp_path, monkeypatch):
+    import itmkit.data.precomp as precomp
+
+    rows = np.repeat(np.random.default_rng(1).standard_normal((200, 2, 3)).astype(np.float32), 5, axis=0)
+    rows[-1] += 1.0  # the last image's fifth row differs
+    _rows_as_captions(tmp_path, rows)
+    monkeypatch.setattr(precomp, "REPEAT_CHECK_BYTES", 0)  # force the sampled check
+    with pytest.raises(DataFormatError, match=r"rows 995-999"):
+        PrecompSplit.open(tmp_path, "test")

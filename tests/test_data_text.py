@@ -249,3 +249,46 @@ def test_real_f30k_test_captions_encode(hf_pipe):
     assert all(h[0] == hf_pipe.cls_id and h[-1] == hf_pipe.sep_id and len(h) <= 64 for h in hf)
     unk = hf_pipe.tokenizer.unk_token_id
     assert sum(h.count(unk) for h in hf) / sum(len(h) for h in hf) < 0.01
+
+
+def _hf_folder_copy(tmp_path, names):
+    """A folder holding only ``names`` from the offline MiniLM (symlinks: no 90 MB copies)."""
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    for name in names:
+        (folder / name).symlink_to(default_hf_path() / name)
+    return folder
+
+
+@pytest.mark.parametrize("names, field, missing", [
+    ([], "config.json", "no config.json"),
+    (["config.json"], "tokenizer", "none"),
+    (["config.json", "tokenizer.json", "tokenizer_config.json"], "weights", "none"),
+])  # fmt: skip
+def test_incomplete_hf_folders_are_named_with_what_is_missing(tmp_path, names, field, missing):
+    from itmkit.data.errors import DataFormatError
+    from itmkit.data.text import check_hf_folder
+
+    folder = _hf_folder_copy(tmp_path, names)
+    with pytest.raises(DataFormatError) as caught:
+        check_hf_folder(folder, weights=True)
+    message = str(caught.value)
+    assert message.startswith(f"{folder}: {field}: expected ") and missing in message
+    assert "save_pretrained" in message and "huggingface-cli download" in message  # what to do
+    if field == "weights":  # the tokenizer alone needs no weights
+        assert HFTokenizerPipeline(folder).encode("a dog")[0] == HFTokenizerPipeline().cls_id
+    else:
+        with pytest.raises(DataFormatError, match=str(folder)):
+            HFTokenizerPipeline(folder)
+
+
+def test_hf_text_encoder_names_the_folder_without_weights(tmp_path):
+    from itmkit.data.errors import DataFormatError
+    from itmkit.models.text_encoders import HFTextEncoder
+
+    folder = _hf_folder_copy(tmp_path, ["config.json", "tokenizer.json"])
+    with pytest.raises(DataFormatError, match=rf"{folder}: weights: expected model.safetensors or pytorch_model.bin"):
+        HFTextEncoder(str(folder), embed_size=8)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataFormatError, match=rf"{folder}: model: expected .*found \w+Error"):
+        HFTextEncoder(str(folder), embed_size=8)

@@ -8,8 +8,11 @@ import pytest
 
 from itmkit.evaluate.ensemble import average_similarities, evaluate_ensemble
 from itmkit.evaluate.metrics import recall_metrics
-from itmkit.evaluate.protocols import evaluate_protocol
+from itmkit.evaluate.protocols import Protocol, evaluate_protocol
 from itmkit.evaluate.similarity_file import load_similarity, save_similarity
+
+
+FIVE_FOLD = Protocol("5-fold", n_folds=5)  # coco-5fold-1k's slicing without its 5,000-image size
 
 
 def random_sims(seed, n_img=10, cpi=5):
@@ -30,14 +33,14 @@ def test_equal_and_weighted_average_by_hand():
 def test_ensemble_from_files_matches_manual_average(tmp_path):
     mats = [random_sims(s) for s in range(3)]
     paths = [save_similarity(tmp_path / f"m{i}" / "sims.npy", S) for i, S in enumerate(mats)]
-    result = evaluate_ensemble(paths, protocols=["test", "coco-5fold-1k"], out_dir=tmp_path / "ens")
+    result = evaluate_ensemble(paths, protocols=["test", FIVE_FOLD], out_dir=tmp_path / "ens")
     manual = (mats[0].astype(np.float64) + mats[1] + mats[2]) / 3
     np.testing.assert_allclose(result.sims, manual, rtol=1e-6)
     whole = result.metrics[result.metrics["protocol"] == "test"].iloc[0]
     assert whole["rsum"] == pytest.approx(recall_metrics(manual)["rsum"])
     # 5-fold slices the averaged matrix, not the members' metrics
-    folds = evaluate_protocol(manual, "coco-5fold-1k")
-    assert result.metric("rsum", "coco-5fold-1k") == pytest.approx(folds.iloc[-1]["rsum"])
+    folds = evaluate_protocol(manual, FIVE_FOLD)
+    assert result.metric("rsum", "5-fold") == pytest.approx(folds.iloc[-1]["rsum"])
     saved = pd.read_csv(tmp_path / "ens" / "metrics.csv")
     assert len(saved) == 7
     flat = json.loads((tmp_path / "ens" / "metrics.json").read_text())

@@ -15,6 +15,7 @@ from itmkit.data.vocab import Vocabulary
 from itmkit.encoded import Encoded
 from itmkit.evaluate.evaluator import encode_split, evaluate_model, similarity_matrix
 from itmkit.evaluate.metrics import recall_metrics
+from itmkit.evaluate.protocols import Protocol
 from itmkit.evaluate.synthetic_precomp import write_synthetic_precomp
 from itmkit.models.base import MatchingModel
 
@@ -134,12 +135,27 @@ def test_dev_max_captions_and_protocols(data):
     full = evaluate_model(model, root, "dev", pipeline, progress=False)
     assert full.sims.shape == (12, 60)
     np.testing.assert_allclose(full.sims[:10, :50], dev.sims, rtol=1e-5, atol=1e-6)
-    both = evaluate_model(model, root, "dev", pipeline, protocol=["test", "coco-5fold-1k"], max_captions=50,
+    five_fold = Protocol("5-fold", n_folds=5)  # coco-5fold-1k's slicing without its 5,000-image size
+    both = evaluate_model(model, root, "dev", pipeline, protocol=["test", five_fold], max_captions=50,
                           progress=False)
-    assert both.summary["protocol"].tolist() == ["test", "coco-5fold-1k"]
+    assert both.summary["protocol"].tolist() == ["test", "5-fold"]
     assert both.metrics["fold"].tolist() == ["all", "0", "1", "2", "3", "4", "mean"]
     with pytest.raises(ValueError, match="text pipeline"):
         evaluate_model(model, root, "dev", None)
+
+
+def test_sized_protocol_and_batch_size_refused_before_encoding(data, monkeypatch):
+    root, split, pipeline = data
+    model = MeanModel(vocab_size=pipeline.vocab_size)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded before the settings were checked")
+
+    monkeypatch.setattr(model, "encode_images", no_encoding)
+    with pytest.raises(ValueError, match=r"protocol 'coco-5k'.*found 12 images x 60 captions"):
+        evaluate_model(model, root, "dev", pipeline, protocol="coco-5k", progress=False)
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, found 0"):
+        evaluate_model(model, root, "dev", pipeline, batch_size=0, progress=False)
 
 
 def test_repeated_images_release_is_encoded_once(data, tmp_path):
@@ -164,8 +180,9 @@ def _independent_coco_rows(sims):
     return folds, mean, recall_metrics(sims)
 
 
-def test_testall_defaults_to_coco_5fold_1k_and_5k(tmp_path):
+def test_testall_defaults_to_coco_5fold_1k_and_5k(tmp_path, coco_sized_as):
     root = write_synthetic_precomp(tmp_path / "coco", {"testall": 20, "test": 10})
+    coco_sized_as(20)  # COCO testall stands in at 20 images
     pipeline = WordIdPipeline(Vocabulary.build(PrecompSplit.open(root, "testall").captions, threshold=1))
     model = MeanModel(vocab_size=pipeline.vocab_size)
     result = evaluate_model(model, root, "testall", pipeline, out_dir=tmp_path / "ev", progress=False)  # no protocol

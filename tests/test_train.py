@@ -5,6 +5,7 @@ method for these tests, and the data is a synthetic precomp folder written with 
 """
 
 import json
+import re
 import sys
 import types
 import warnings
@@ -320,6 +321,35 @@ def test_resume_with_another_config_names_the_fields(toy_method, data_dir, tmp_p
     fresh = train(other, tmp_path / "run", resume=False, progress=False, max_steps=1)
     assert fresh.log.empty
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 1e-2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": TrainConfig(epochs=0)}, "train.epochs: expected an integer >= 1, found 0"),
+    ({"train": TrainConfig(epochs=2.5)}, "train.epochs: expected an integer >= 1, found 2.5"),
+    ({"train": TrainConfig(max_violation="maybe")}, "train.max_violation: expected true or false"),
+    ({"train": TrainConfig(batch_size=0)}, "train.batch_size: expected an integer >= 2"),
+    ({"model": ToyConfig(embed_size="16")}, "model.embed_size: expected an integer, found '16'"),
+    ({"data": DataConfig(data_dir="/no/such/precomp")}, "/no/such/precomp: data.data_dir: expected a precomp folder"),
+    ({"text": TextConfig(vocab_path="/no/vocab.json")}, "/no/vocab.json: text.vocab_path: expected a vocabulary"),
+    ({"method": "no_such_method"}, "unknown method 'no_such_method'"),
+])  # fmt: skip
+def test_bad_settings_are_refused_before_anything_is_written(toy_method, data_dir, tmp_path, change, message):
+    cfg = toy_config(data_dir)
+    for name, value in change.items():
+        setattr(cfg, name, value)
+    with pytest.raises((ValueError, KeyError), match=re.escape(message)):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_steps_zero_and_a_missing_device_are_refused(toy_method, data_dir, tmp_path):
+    for steps in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"max_steps: expected an integer >= 1 or None, found {steps!r}"):
+            train(toy_config(data_dir), tmp_path / "run", progress=False, max_steps=steps)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': this torch .* was built without CUDA"):
+            train(toy_config(data_dir, **{"train.device": "cuda"}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_lr_factor_compounds_decays():

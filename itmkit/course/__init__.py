@@ -31,6 +31,7 @@ NOTEBOOK_NAMES: dict[str, str] = {
     "run_course": "itmkit.course.runner",
     # set-up and configuration
     "seed_everything": "itmkit.runtime",
+    "configure_threads": "itmkit.runtime",
     "pick_device": "itmkit.runtime",
     "replace_nested": "itmkit.config",
     "get_method": "itmkit.methods.registry",

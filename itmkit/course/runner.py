@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from itmkit.course.notebook import prepare_out_dir, read_metrics
 from itmkit.paths import REPO_ROOT
+from itmkit.runtime import environment, thread_count, thread_environment
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 NOTEBOOK_NAME = re.compile(r"^(?P<number>\d{2})_(?P<name>[a-z0-9_]+)\.ipynb$")
@@ -51,6 +52,18 @@ SUMMARY_COLUMNS = ("notebook", "status", "seconds", "cpu_seconds", "peak_rss_mb"
 # --------------------------------------------------------------------------------------------
 # Discovery
 # --------------------------------------------------------------------------------------------
+
+
+def require_course_packages() -> None:
+    """``ImportError`` with one line saying what to install when the course extra is missing
+    (papermill runs the notebooks, nbformat reads them)."""
+    import importlib.util
+
+    missing = [name for name in ("papermill", "nbformat") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"the course runner needs {' and '.join(missing)}, which this Python "
+                          f"({sys.executable}) does not have; install the course extra: "
+                          "pip install -e '.[course]' (or: make venv)")  # fmt: skip
 
 
 def discover_notebooks(folder: str | Path | None = None) -> list[Path]:
@@ -237,13 +250,17 @@ def run_notebook(
     *,
     timeout: float | None = None,
     log_output: bool = False,
+    threads: int | None = None,
 ) -> NotebookResult:
     """Execute one notebook in a fresh ``python3`` kernel with ``parameters`` injected.
 
     ``out_dir`` is set to ``<out_root>/<stem>`` (absolute); the kernel starts in that folder and
-    the executed copy is written there as ``<stem>.ipynb``. Never raises for a notebook error:
-    the result's ``status``/``error``/``cell_index`` say what went wrong.
+    the executed copy is written there as ``<stem>.ipynb``. The kernel's environment carries
+    ``threads`` (:func:`itmkit.runtime.thread_environment`; default :func:`~itmkit.runtime.thread_count`).
+    Never raises for a notebook error: the result's ``status``/``error``/``cell_index`` say what
+    went wrong.
     """
+    require_course_packages()
     import papermill
 
     notebook = Path(notebook).resolve()
@@ -257,7 +274,8 @@ def run_notebook(
     status, error, cell_index = "ok", "", None
     start = time.perf_counter()
     cpu_before = _children_cpu_seconds()
-    with _PeakRSS() as memory:
+    # the kernel is a child process: it inherits the thread setting before torch is imported
+    with _PeakRSS() as memory, environment(thread_environment(thread_count(threads))):
         try:
             papermill.execute_notebook(
                 str(notebook),
@@ -366,13 +384,18 @@ def run_course(
     timeout: float | None = None,
     log_output: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Run the selected notebooks (all by default) in order and return the summary table.
 
     Each notebook gets ``preset``, ``data_dir``, ``device``, ``seed``, ``out_dir=<out>/<stem>``
-    and ``epochs`` (only when given) as papermill parameters. ``summary.csv``/``summary.md`` are
-    written to ``out`` after every notebook, so an interrupted course still leaves a table.
+    and ``epochs`` (only when given) as papermill parameters, and ``threads`` CPU threads
+    (default ``$ITMKIT_THREADS``, else the CPUs this process may use) through its kernel's
+    environment. ``summary.csv``/``summary.md`` are written to ``out`` after every notebook, so
+    an interrupted course still leaves a table.
     """
+    require_course_packages()
+    threads = thread_count(threads)
     notebooks = select_notebooks(names, notebooks_dir)
     if not notebooks:
         raise FileNotFoundError(f"no NN_<name>.ipynb notebooks in {notebooks_dir or NOTEBOOKS_DIR}")
@@ -389,7 +412,7 @@ def run_course(
     bar = tqdm(notebooks, desc=f"course ({preset})", unit="notebook", disable=not progress)
     for notebook in bar:
         bar.set_postfix_str(notebook.stem)
-        result = run_notebook(notebook, out, parameters, timeout=timeout, log_output=log_output)
+        result = run_notebook(notebook, out, parameters, timeout=timeout, log_output=log_output, threads=threads)
         results.append(result)
         line = f"{result.notebook}: {result.status} in {result.seconds:.1f} s"
         if result.error:
@@ -422,16 +445,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     run.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
     run.add_argument("--log-output", action="store_true", help="echo notebook output to the log")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads per notebook kernel (default: $ITMKIT_THREADS, else the CPUs this "
+                          "process may use; 1 on a server shared by many people)")  # fmt: skip
     run.add_argument("--notebooks", default=None, help=argparse.SUPPRESS)  # a different folder (tests)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run_command(args)
+    except (ValueError, OSError, ImportError) as err:  # a user's mistake: one line, no traceback
+        print(f"python -m itmkit.course {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "list":
         if args.markdown:
             print(notebook_table(args.notebooks), end="")
             return 0
+        require_course_packages()
         for path in discover_notebooks(args.notebooks):
             print(f"{path.stem:<16} {notebook_title(path)}")
         return 0
@@ -447,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notebooks_dir=args.notebooks,
         timeout=args.timeout,
         log_output=args.log_output,
+        threads=args.threads,
     )
     print()
     print(markdown_table(headline(frame)), end="")

@@ -36,7 +36,7 @@ def read_karpathy_json(path: str | Path) -> dict:
     """Parse a Karpathy split file; corrupt JSON or a missing ``images`` list -> ``DataFormatError``."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DataFormatError(path, "file", "a Karpathy split JSON", "no such file") from None
     except json.JSONDecodeError as err:

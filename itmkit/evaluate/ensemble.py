@@ -39,8 +39,8 @@ def average_similarities(sources: Sequence, weights: Sequence[float] | None = No
     if len(weights) != len(sources):
         raise ValueError(f"ensemble: expected one weight per matrix ({len(sources)}), found {len(weights)}")
     weights = np.asarray(weights, dtype=np.float64)
-    if np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError(f"ensemble weights: expected non-negative numbers with a positive sum, found {weights.tolist()}")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"ensemble weights: expected finite non-negative numbers with a positive sum, found {weights.tolist()}")
     weights = weights / weights.sum()
 
     matrices = []

@@ -31,7 +31,7 @@ from itmkit.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
 from itmkit.encoded import Encoded
 from itmkit.evaluate.atomic_write import atomic_path, remove_stale_temp_files
 from itmkit.evaluate.collapse import check_not_collapsed
-from itmkit.evaluate.protocols import default_protocols, evaluate_protocols
+from itmkit.evaluate.protocols import Protocol, check_protocol_size, default_protocols, evaluate_protocols
 from itmkit.evaluate.result import EvalResult
 from itmkit.evaluate.similarity_file import save_similarity
 from itmkit.models.base import MatchingModel, eval_mode
@@ -91,6 +91,8 @@ def encode_split(
     ``[n_cap, d]`` for embedding methods, padded sets with lengths for pairwise ones.
     The model's train/eval mode is restored afterwards.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
     device = torch.device(device) if device is not None else _model_device(model)
     split, pipeline = model.prepare_data(split, pipeline)
     was_training = model.training
@@ -202,13 +204,15 @@ def evaluate_split(
     score_dtype: str | torch.dtype = "float32",
     check_collapse: bool = True,
 ) -> EvalResult:
-    """Encode ``split``, build ``S``, evaluate under ``protocols`` (default by split name).
+    """Encode ``split``, build ``S``, evaluate under ``protocols`` (default by split name and size).
 
     Non-finite scores raise :class:`~itmkit.evaluate.metrics.NonFiniteScoresError`, collapsed
     ones :class:`~itmkit.evaluate.collapse.CollapsedScoresError` (unless ``check_collapse`` is
     off: the trainer checks every epoch itself), both naming the model and the split.
     """
-    protocols = default_protocols(split.split) if protocols is None else protocols
+    protocols = default_protocols(split.split, split.n_images) if protocols is None else protocols
+    for name in [protocols] if isinstance(protocols, (str, Protocol)) else protocols:
+        check_protocol_size(name, split.n_images, split.n_captions, CAPTIONS_PER_IMAGE)  # before encoding
     images, captions = encode_split(model, split, pipeline, batch_size, device, progress)
     sims = similarity_matrix(model, images, captions, out=sims_out, progress=progress, device=device,
                              score_dtype=score_dtype)  # fmt: skip

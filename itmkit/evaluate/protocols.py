@@ -26,8 +26,9 @@ from itmkit.evaluate.metrics import METRIC_NAMES, as_score_array, check_caption_
 class Protocol:
     """An evaluation setting: ``n_folds`` diagonal blocks (1 = the whole matrix).
 
-    ``expected_images`` is the image count the setting is defined for (``None``: any); a
-    matrix of another size is still evaluated, and the result carries its real size.
+    ``expected_images`` is the image count the setting is defined for (``None``: any). A matrix
+    of another size is refused: numbers labelled ``coco-5k`` from a 16-image split would be
+    compared with the papers' (use ``test``, the whole matrix of any size, instead).
     """
 
     name: str
@@ -52,6 +53,19 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
+def check_protocol_size(protocol: str | Protocol, n_img: int, n_cap: int | None = None,
+                        captions_per_image: int = 5) -> Protocol:
+    """The :class:`Protocol` named, if a ``[n_img, n_cap]`` matrix is the size it is defined for;
+    else ``ValueError`` naming the protocol, the size it needs and the size found."""
+    proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    if proto.expected_images is not None and n_img != proto.expected_images:
+        need = f"{proto.expected_images} images x {proto.expected_images * captions_per_image} captions"
+        found = f"{n_img} images" + (f" x {n_cap} captions" if n_cap is not None else "")
+        raise ValueError(f"protocol {proto.name!r} ({proto.description}): expected {need}, found {found}; "
+                         "use protocol 'test' to evaluate the whole matrix of any size")  # fmt: skip
+    return proto
+
+
 def fold_slices(n_img: int, n_folds: int, captions_per_image: int = 5) -> list[tuple[slice, slice]]:
     """``(image rows, caption columns)`` of each diagonal fold block; ``n_img`` must divide evenly."""
     if n_folds < 1 or n_img % n_folds != 0:
@@ -71,9 +85,9 @@ def evaluate_protocol(sims, protocol: str | Protocol, captions_per_image: int = 
     ``fold = "0" .. "4"`` and the summary row ``fold = "mean"``. ``source`` names the matrix in
     errors (non-finite scores).
     """
-    proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
     S = as_score_array(sims)
     n_img, n_cap = S.shape
+    proto = check_protocol_size(protocol, n_img, n_cap, captions_per_image)
     check_caption_count(n_img, n_cap, captions_per_image)
     rows = []
     if proto.n_folds == 1:
@@ -96,7 +110,10 @@ def evaluate_protocols(sims, protocols, captions_per_image: int = 5, source: str
     """:func:`evaluate_protocol` for each name in ``protocols``, rows stacked."""
     if isinstance(protocols, (str, Protocol)):
         protocols = [protocols]
-    frames = [evaluate_protocol(sims, p, captions_per_image, source) for p in protocols]
+    S = as_score_array(sims)
+    for p in protocols:  # every refused size before any metric is computed
+        check_protocol_size(p, *S.shape, captions_per_image)
+    frames = [evaluate_protocol(S, p, captions_per_image, source) for p in protocols]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -105,6 +122,8 @@ def summary_rows(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics[metrics["fold"].isin(["all", "mean"])].reset_index(drop=True)
 
 
-def default_protocols(split: str) -> list[str]:
-    """COCO ``testall`` is reported both ways (§C.2); any other split as the whole matrix."""
-    return ["coco-5fold-1k", "coco-5k"] if split == "testall" else ["test"]
+def default_protocols(split: str, n_images: int | None = None) -> list[str]:
+    """COCO ``testall`` (5,000 images) is reported both ways (§C.2); any other split, or a
+    ``testall`` of another size, as the whole matrix."""
+    coco = PROTOCOLS["coco-5k"].expected_images
+    return ["coco-5fold-1k", "coco-5k"] if split == "testall" and n_images in (None, coco) else ["test"]

@@ -8,12 +8,17 @@ without pickle, and its row count is the references' ``npts``. The references' o
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 
+from itmkit.data.errors import DataFormatError
 from itmkit.evaluate.atomic_write import save_npy
 from itmkit.evaluate.metrics import as_score_array
+
+
+SIMS_FILE = "a .npy similarity matrix [n_img, n_cap] of numbers (as `itmkit eval` writes sims.npy)"
 
 
 def save_similarity(path, sims) -> Path:
@@ -29,21 +34,26 @@ def load_similarity(path, allow_pickle: bool = False, mmap: bool = True) -> np.n
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: similarity file not found")
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
-        _, _, dtype = read_header(handle)
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            _, _, dtype = read_header(handle)
+    except (ValueError, OSError, EOFError) as err:  # not a .npy file, or its header is cut
+        raise DataFormatError(path, "header", SIMS_FILE, f"no readable .npy header ({type(err).__name__}: {err})") from None
     pickled = dtype.hasobject
+    if pickled and not allow_pickle:
+        raise ValueError(
+            f"{path}: field 'sims': expected a plain float array, found a pickled object "
+            "(the references' {'npts', 'sims'} dict); load it with allow_pickle=True "
+            "(CLI: --allow-pickle) if you trust the file"
+        )
+    if not pickled and dtype.kind not in "fiu":
+        raise DataFormatError(path, "dtype", SIMS_FILE, str(dtype))
     try:
         data = np.load(path, mmap_mode="r" if mmap and not pickled else None, allow_pickle=allow_pickle)
-    except ValueError as err:
-        if pickled and not allow_pickle:
-            raise ValueError(
-                f"{path}: field 'sims': expected a plain float array, found a pickled object "
-                "(the references' {'npts', 'sims'} dict); load it with allow_pickle=True "
-                "(CLI: --allow-pickle) if you trust the file"
-            ) from err
-        raise
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as err:  # e.g. fewer bytes than the header says
+        raise DataFormatError(path, "data", SIMS_FILE, f"an unreadable array ({type(err).__name__}: {err})") from None
     if isinstance(data, np.ndarray) and data.dtype == object:
         data = data.item() if data.ndim == 0 else data
     if isinstance(data, dict):

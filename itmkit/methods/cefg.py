@@ -40,6 +40,7 @@ from torch import Tensor
 
 from itmkit.checkpoints import rename_keys, strip_prefix
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.config_checks import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from itmkit.data.amr import AMRTextPipeline, split_amr_tokens
 from itmkit.data.precomp import PrecompSplit, RegionColumns
 from itmkit.data.spatial_adjacency import ADJACENCY_RULES, split_adjacency
@@ -78,20 +79,20 @@ class CEFGConfig:
     """
 
     module: Literal["SGR", "SAF"] = "SGR"
-    img_dim: int = 2048
-    embed_size: int = 1024
-    sim_dim: int = 256
-    num_regions: int = 36
-    sgr_step: int = 3
-    rcr_steps: int = REGULATOR_STEPS
-    neighbourhood_slots: int = NEIGHBOURHOOD_SLOTS
-    initial_temperature: float = INITIAL_TEMPERATURE
+    img_dim: PositiveInt = 2048
+    embed_size: PositiveInt = 1024
+    sim_dim: PositiveInt = 256
+    num_regions: PositiveInt = 36
+    sgr_step: NonNegativeInt = 3
+    rcr_steps: PositiveInt = REGULATOR_STEPS
+    neighbourhood_slots: PositiveInt = NEIGHBOURHOOD_SLOTS
+    initial_temperature: PositiveFloat = INITIAL_TEMPERATURE
     adjacency: Literal["released", "all_sectors", "identity"] = "released"
     amr_fusion: Literal["none", "gated"] = "none"
     bi_gru: bool = True
-    num_layers: int = 1
-    word_dropout: float = 0.4
-    self_attention_dropout: float = 0.4
+    num_layers: PositiveInt = 1
+    word_dropout: Fraction = 0.4
+    self_attention_dropout: Fraction = 0.4
     no_imgnorm: bool = False
     no_txtnorm: bool = False
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.config_checks import OneOf, PositiveFloat, PositiveInt
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
@@ -42,6 +43,10 @@ from itmkit.models.base import (
 from itmkit.models.functional import l2norm, zero_padding
 from itmkit.models.image_encoders import PrecompRegionEncoder
 from itmkit.models.text_encoders import BiGRUTextEncoder, HFTextEncoder
+
+
+CodingName = Annotated[str, OneOf(tuple(coding.CODINGS))]
+PoolingName = Annotated[str, OneOf(tuple(coding.POOLINGS))]
 
 
 @dataclass
@@ -67,16 +72,16 @@ class CHANConfig:
         no_imgnorm / no_txtnorm: skip the per-region / per-word l2 norm.
     """
 
-    embed_size: int = 1024
-    img_dim: int = 2048
+    embed_size: PositiveInt = 1024
+    img_dim: PositiveInt = 2048
     image_encoder: Literal["basic", "selfattention"] = "selfattention"
-    attention_heads: int = 8
+    attention_heads: PositiveInt = 8
     attention_padding_mask: bool = False
-    coding: str = "vha"
-    pooling: str = "lse"
-    belta: float = 0.1
-    alpha: float = 0.1
-    smooth: float = 9.0
+    coding: CodingName = "vha"
+    pooling: PoolingName = "lse"
+    belta: PositiveFloat = 0.1
+    alpha: PositiveFloat = 0.1
+    smooth: PositiveFloat = 9.0
     no_imgnorm: bool = False
     no_txtnorm: bool = False
 

@@ -31,7 +31,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.config_checks import FiniteFloat, PositiveFloat, PositiveInt, Range
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
@@ -87,17 +88,17 @@ class ESLConfig:
     """
 
     variant: Literal["H", "A"] = "H"
-    embed_size: int = 512
-    img_dim: int = 2048
-    kernel_size: int = 2
-    levels: int = 9
-    conv_channels: int = 4
-    selected_per_row: int = 2
+    embed_size: PositiveInt = 512
+    img_dim: PositiveInt = 2048
+    kernel_size: Annotated[int, Range(2, why="each level merges k >= 2 dimensions")] = 2
+    levels: PositiveInt = 9
+    conv_channels: PositiveInt = 4
+    selected_per_row: PositiveInt = 2
     attend_padded_regions: bool = False
-    init_level_weight: float = 0.1
-    init_temperature: float = 0.07
-    init_threshold_position: float = 0.0
-    init_log_sharpness: float = 3.0
+    init_level_weight: FiniteFloat = 0.1
+    init_temperature: PositiveFloat = 0.07
+    init_threshold_position: FiniteFloat = 0.0
+    init_log_sharpness: FiniteFloat = 3.0
 
     def __post_init__(self) -> None:
         if self.variant not in ("H", "A"):

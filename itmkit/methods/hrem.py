@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.config_checks import FiniteFloat, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.losses import (
@@ -108,31 +109,31 @@ class HREMConfig:
         triplet_cutoff_before_max: itmkit option against the same underflow (default off = reference).
     """
 
-    embed_size: int = 1024
-    img_dim: int = 2048
-    nhead: int = 16
-    dropout: float = 0.1
-    residual_weight: float = 0.8
-    maxk: int = 2
+    embed_size: PositiveInt = 1024
+    img_dim: PositiveInt = 2048
+    nhead: PositiveInt = 16
+    dropout: Fraction = 0.1
+    residual_weight: Annotated[float, Range(0, 1)] = 0.8
+    maxk: PositiveInt = 2
     maxk_carry_over: bool = False
     no_imgnorm: bool = False
     no_txtnorm: bool = False
     instance_relations: bool = True
-    warmup_steps: int = 8000
-    threshold: float = 0.5
-    topk: int = 10
-    sigma: float = 1.0
-    kl_temperature: float = 1.0
-    mask_weight: float = 1.0
-    reg_loss_weight: float = 10.0
+    warmup_steps: NonNegativeInt = 8000
+    threshold: FiniteFloat = 0.5
+    topk: PositiveInt = 10
+    sigma: PositiveFloat = 1.0
+    kl_temperature: PositiveFloat = 1.0
+    mask_weight: NonNegativeFloat = 1.0
+    reg_loss_weight: NonNegativeFloat = 10.0
     norm_input: bool = True
     cross_loss: bool = True
-    graph_layers: int = 1
-    graph_lr_factor: float = 1.0
+    graph_layers: PositiveInt = 1
+    graph_lr_factor: NonNegativeFloat = 1.0
     base_loss: Literal["trip", "vse"] = "trip"
     gnn_loss: Literal["trip", "vse"] = "trip"
-    triplet_margin: float = 0.2
-    triplet_cutoff: float = TRIPLET_CUTOFF["f30k"]
+    triplet_margin: NonNegativeFloat = 0.2
+    triplet_cutoff: PositiveFloat = TRIPLET_CUTOFF["f30k"]
     triplet_weights_dtype: Literal["float32", "float64"] = "float32"
     triplet_cutoff_before_max: bool = False
 

@@ -41,6 +41,7 @@ from itmkit.checkpoints import (
     strip_prefix,
 )
 from itmkit.config import RunConfig, TextConfig
+from itmkit.config_checks import Fraction, NonNegativeInt
 from itmkit.encoded import Encoded
 from itmkit.methods import sgraf
 from itmkit.methods.registry import MethodSpec
@@ -64,9 +65,9 @@ class LHSCConfig(sgraf.SGRAFConfig):
     """
 
     module: Literal["SAF"] = "SAF"
-    region_graph_blocks: int = 4
-    word_attention_blocks: int = 4
-    word_attention_dropout: float = 0.0
+    region_graph_blocks: NonNegativeInt = 4
+    word_attention_blocks: NonNegativeInt = 4
+    word_attention_dropout: Fraction = 0.0
     word_padding: WordPadding = "reference"
 
 

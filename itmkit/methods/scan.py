@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from itmkit.checkpoints import check_converted, open_reference_checkpoint, opt_value, reference_dataset, strip_prefix
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.config_checks import OneOf, PositiveFloat, PositiveInt
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
 from itmkit.models import cross_attention as xattn
@@ -46,6 +47,9 @@ from itmkit.models.base import (
 from itmkit.models.image_encoders import PrecompRegionEncoder
 from itmkit.models.text_encoders import build_text_encoder
 from itmkit.paths import scan_text_dir
+
+
+RawFeatureNorm = Annotated[str, OneOf(xattn.RAW_FEATURE_NORMS, tuple(xattn.RAW_FEATURE_NORM_ALIASES.items()))]
 
 
 @dataclass
@@ -67,16 +71,16 @@ class SCANConfig:
         no_imgnorm / no_txtnorm: skip the per-region / per-word l2 norm.
     """
 
-    img_dim: int = 2048
-    embed_size: int = 1024
+    img_dim: PositiveInt = 2048
+    embed_size: PositiveInt = 1024
     cross_attn: Literal["t2i", "i2t"] = "t2i"
-    raw_feature_norm: str = "clipped_l2norm"
+    raw_feature_norm: RawFeatureNorm = "clipped_l2norm"
     agg_func: Literal["LogSumExp", "Mean", "Max", "Sum"] = "LogSumExp"
-    lambda_softmax: float = 9.0
-    lambda_lse: float = 6.0
+    lambda_softmax: PositiveFloat = 9.0
+    lambda_lse: PositiveFloat = 6.0
     precomp_enc_type: Literal["basic", "weight_norm"] = "basic"
     bi_gru: bool = True
-    num_layers: int = 1
+    num_layers: PositiveInt = 1
     no_imgnorm: bool = False
     no_txtnorm: bool = False
 

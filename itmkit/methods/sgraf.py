@@ -33,6 +33,7 @@ from itmkit.checkpoints import (
     strip_prefix,
 )
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.config_checks import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from itmkit.data.embedded import PRESETS as EMBEDDED_PRESETS
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
@@ -55,16 +56,16 @@ class SGRAFConfig:
     """
 
     module: Literal["SGR", "SAF"] = "SGR"
-    img_dim: int = 2048
-    embed_size: int = 1024
-    sim_dim: int = 256
-    num_regions: int = 36
-    sgr_step: int = 3
+    img_dim: PositiveInt = 2048
+    embed_size: PositiveInt = 1024
+    sim_dim: PositiveInt = 256
+    num_regions: PositiveInt = 36
+    sgr_step: NonNegativeInt = 3
     bi_gru: bool = True
-    num_layers: int = 1
-    word_dropout: float = 0.4  # on the word embeddings (§3.2)
-    self_attention_dropout: float = 0.4  # VisualSA / TextSA embedding layers (§3.4)
-    attention_smooth: float = ATTENTION_SMOOTH  # λ = 9, hard-coded in the reference (§8.4)
+    num_layers: PositiveInt = 1
+    word_dropout: Fraction = 0.4  # on the word embeddings (§3.2)
+    self_attention_dropout: Fraction = 0.4  # VisualSA / TextSA embedding layers (§3.4)
+    attention_smooth: PositiveFloat = ATTENTION_SMOOTH  # λ = 9, hard-coded in the reference (§8.4)
     no_imgnorm: bool = False
     no_txtnorm: bool = False
 

@@ -32,6 +32,7 @@ from itmkit.checkpoints import (
     strip_prefix,
 )
 from itmkit.config import DataConfig, RunConfig, TextConfig, TrainConfig
+from itmkit.config_checks import PositiveInt
 from itmkit.data.embedded import embedded_feature_dim
 from itmkit.encoded import Encoded
 from itmkit.methods.registry import MethodSpec
@@ -57,14 +58,14 @@ class VSEInftyConfig:
         gpo_d_pe / gpo_d_hidden: GPO's positional-encoding and GRU sizes (32 / 32).
     """
 
-    embed_size: int = 1024
-    img_dim: int = 2048
+    embed_size: PositiveInt = 1024
+    img_dim: PositiveInt = 2048
     pooling: Literal["gpo", "mean", "max"] = "gpo"
     no_imgnorm: bool = False
     no_txtnorm: bool = False
     mlp_residual: bool = True
-    gpo_d_pe: int = 32
-    gpo_d_hidden: int = 32
+    gpo_d_pe: PositiveInt = 32
+    gpo_d_hidden: PositiveInt = 32
 
 
 @dataclass

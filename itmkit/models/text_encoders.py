@@ -114,8 +114,14 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.path = str(path) if path is not None else default_hf_path()
-        self.backbone = AutoModel.from_pretrained(self.path, local_files_only=True)
+        from itmkit.data.errors import DataFormatError
+        from itmkit.data.text import HF_FOLDER_HINT, check_hf_folder, first_error_line
+
+        self.path = str(check_hf_folder(path if path is not None else default_hf_path(), weights=True))
+        try:
+            self.backbone = AutoModel.from_pretrained(self.path, local_files_only=True)
+        except Exception as err:  # present but unreadable (cut weights, bad config): safetensors, OS or JSON errors
+            raise DataFormatError(self.path, "model", HF_FOLDER_HINT, first_error_line(err)) from err
         hidden = int(self.backbone.config.hidden_size)
         self.linear = nn.Linear(hidden, embed_size)
         self.embed_size = embed_size

@@ -7,7 +7,7 @@ rsum kept as ``model_best.pt``.
 
 A run directory holds::
 
-    config.json        the RunConfig (written first)
+    config.json        the RunConfig (written first, once preflight.py has checked it)
     checkpoint.pt      everything to continue exactly (atomic; epoch ends + every N steps)
     model_best.pt      best dev rsum weights + config + text pipeline (``itmkit eval`` reads it)
     log.csv            one row per epoch: loss, lr, dev recalls, rsum, seconds
@@ -64,7 +64,7 @@ from itmkit.evaluate.metrics import METRIC_NAMES, NonFiniteScoresError
 from itmkit.losses import hinge_triplet_loss, use_max_violation
 from itmkit.methods.registry import get_method
 from itmkit.models.base import MatchingModel
-from itmkit.runtime import pick_device, seed_everything
+from itmkit.runtime import seed_everything
 from itmkit.train.checkpoint import (
     check_finite_weights,
     load_checkpoint,
@@ -77,6 +77,7 @@ from itmkit.train.checkpoint import (
 )
 from itmkit.train.optim import build_optimizer, build_scheduler
 from itmkit.train.pipeline_state import describe_pipeline
+from itmkit.train.preflight import check_max_steps, preflight
 
 # Settings that may change between a run and its resumption without changing the numbers.
 RESUMABLE_CHANGES = {
@@ -180,14 +181,29 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]  # fmt: skip
 
 
+class RunConfigMismatch(ValueError):
+    """A run folder holds a run of another config: resuming it would mix two runs.
+
+    Attributes:
+        path: the folder's ``config.json``.
+        differences: ``"train.lr: 0.0005 -> 0.001"`` per differing field.
+    """
+
+    def __init__(self, path: Path, differences: list[str]) -> None:
+        self.path, self.differences = path, differences
+        super().__init__(f"{path}: the run in this folder used another config; differing fields: "
+                         f"{'; '.join(differences)}. Use another out_dir, or train(..., resume=False) "
+                         "to start over in this folder (CLI: itmkit train --no-resume)")  # fmt: skip
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.differences))
+
+
 def _check_config(out: Path, run_cfg: RunConfig) -> None:
     stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
     diffs = config_differences(stored, _config_dict(run_cfg))
     if diffs:
-        raise ValueError(
-            f"{out / 'config.json'}: the run in this folder used another config; differing fields: "
-            f"{'; '.join(diffs)}. Use another out_dir, or resume=False to start over."
-        )
+        raise RunConfigMismatch(out / "config.json", diffs)
 
 
 def train(
@@ -204,13 +220,15 @@ def train(
     Args:
         resume: continue from ``out_dir/checkpoint.pt`` if present (a finished run returns its
             results without training); ``False`` starts over and overwrites the folder's files.
-        max_steps: stop after this many optimisation steps in this call (checkpoint saved,
-            ``finished=False``); the next call resumes.
+        max_steps: stop after this many optimisation steps in this call (an integer >= 1;
+            checkpoint saved, ``finished=False``); the next call resumes.
         on_step: called with the :class:`TrainState` after every step (and after any checkpoint
             of that step); an exception raised there stops the run like a crash would.
         device: overrides ``run_cfg.train.device`` (``"auto"``: cuda, mps, cpu).
     """
     out = Path(out_dir)
+    check_max_steps(max_steps)
+    device = preflight(run_cfg, device)  # every setting, the device and the named files: before any write
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)  # left by writes a kill interrupted
     config_path, ckpt_path, best_path = out / "config.json", out / "checkpoint.pt", out / "model_best.pt"
@@ -224,7 +242,6 @@ def train(
 
     tcfg = run_cfg.train
     seed_everything(tcfg.seed)
-    device = pick_device(str(device) if device is not None else tcfg.device)
     use_amp = bool(tcfg.amp) and device.type == "cuda"  # AMP only ever on CUDA
 
     data_dir = resolve_data_dir(run_cfg)
