@@ -191,7 +191,7 @@ SETTING_CASES = {
     "train.batch_size=0": "--set train.batch_size=0: train.batch_size: expected an integer >= 2 (the hinge loss "
                           "needs a negative pair in the batch), found '0'",
     "model.embed_size=-3": "--set model.embed_size=-3: model.embed_size: expected an integer >= 1, found '-3'",
-    "train.lr=1000x": "--set train.lr=1000x: train.lr: expected a finite number > 0, found '1000x'",
+    "train.lr=1000x": "--set train.lr=1000x: train.lr: expected a finite number >= 0, found '1000x'",
     "data.region_drop=1.5": "--set data.region_drop=1.5: data.region_drop: expected a finite number >= 0 and < 1, "
                             "found '1.5'",
 }  # fmt: skip
