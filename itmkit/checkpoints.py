@@ -11,7 +11,7 @@ import _compat_pickle
 import os
 import pickle
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,17 @@ def load_converted(model: nn.Module, state: dict[str, Tensor], source: str) -> L
     if BERT_POSITION_IDS in expected and BERT_POSITION_IDS not in state:
         state[BERT_POSITION_IDS] = expected[BERT_POSITION_IDS]
     return load_strict(model, state, source=source)
+
+
+def build_converted(convert: Callable[..., tuple[Any, dict[str, Tensor]]], build: Callable[[Any, Any], nn.Module],
+                    source: Any, vocab_size: int | None = None, **convert_options: Any) -> tuple[nn.Module, Any]:
+    """A method's ``load_reference_checkpoint``: ``convert(source, **convert_options)`` ->
+    ``(run_cfg, state)``, ``build(run_cfg, vocab_size)``, then :func:`load_converted` (strict:
+    a missing, unexpected or misshaped key raises naming it). Returns ``(model in eval mode, run_cfg)``."""
+    run_cfg, state = convert(source, **convert_options)
+    model = build(run_cfg, vocab_size)
+    load_converted(model, state, source=checkpoint_label(source))
+    return model.eval(), run_cfg
 
 
 class MissingClassStub:

@@ -23,7 +23,8 @@ RECALL_COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 RECALL_LABELS = {c: f"{c[:3]} R@{c.split('_r')[1]}" for c in RECALL_COLUMNS}
 
 
-def _finish(fig: Figure, title: str, save: str | Path | None) -> Figure:
+def finish_figure(fig: Figure, title: str, save: str | Path | None) -> Figure:
+    """Title, tight layout and (given ``save``) a PNG at 120 dpi: how every chart here ends."""
     fig.suptitle(title)
     fig.tight_layout()
     if save is not None:
@@ -58,7 +59,7 @@ def plot_training_curves(log: pd.DataFrame, steps: pd.DataFrame | None = None, t
     ax_rsum = ax_dev.twinx()
     sns.lineplot(data=log, x="epoch", y="rsum", hue=hue, color="black", ls="--", ax=ax_rsum, legend=False)
     ax_rsum.set_ylabel("dev rsum")
-    return _finish(fig, title, save)
+    return finish_figure(fig, title, save)
 
 
 def recall_table(metrics: pd.DataFrame, label: str | None = None) -> pd.DataFrame:
@@ -97,7 +98,7 @@ def plot_recalls(metrics: pd.DataFrame, reported: pd.DataFrame | None = None, ti
     sns.barplot(data=long, x="metric", y="recall", hue="model", order=order, ax=ax)
     ax.set(xlabel="direction and K", ylabel="recall (%)", ylim=(0, 100))
     ax.legend(title="model", fontsize="small")
-    return _finish(fig, title, save)
+    return finish_figure(fig, title, save)
 
 
 def plot_similarity_matrix(sims, captions_per_image: int = 5, max_images: int = 20,
@@ -114,7 +115,7 @@ def plot_similarity_matrix(sims, captions_per_image: int = 5, max_images: int = 
     for i in range(n):
         ax.add_patch(plt.Rectangle((i * captions_per_image, i), captions_per_image, 1, fill=False, ec="white", lw=1))
     ax.set(xlabel=f"caption (first {block.shape[1]})", ylabel=f"image (first {n})")
-    return _finish(fig, title, save)
+    return finish_figure(fig, title, save)
 
 
 def plot_rank_histogram(sims=None, captions_per_image: int = 5, ranks: Mapping[str, np.ndarray] | None = None,
@@ -135,7 +136,7 @@ def plot_rank_histogram(sims=None, captions_per_image: int = 5, ranks: Mapping[s
         sns.histplot(shown, bins=np.arange(0.5, max_rank + 1.5, 1), ax=ax)
         ax.set(xlabel=f"rank (1 = top; {max_rank} = {max_rank} or worse)", ylabel="queries",
                title=f"{name}: R@1 {100 * np.mean(shown == 1):.1f}%")  # fmt: skip
-    return _finish(fig, title, save)
+    return finish_figure(fig, title, save)
 
 
 def plot_caption_lengths(captions: Sequence[str] | Mapping[str, Sequence[str]], tokenize=None,
@@ -151,4 +152,4 @@ def plot_caption_lengths(captions: Sequence[str] | Mapping[str, Sequence[str]], 
     sns.histplot(data=frame, x="tokens", hue="set" if len(groups) > 1 else None, discrete=True,
                  stat="percent", common_norm=False, element="step", ax=ax)  # fmt: skip
     ax.set(xlabel="tokens per caption", ylabel="captions (%)")
-    return _finish(fig, title, save)
+    return finish_figure(fig, title, save)

@@ -16,14 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-
-def _finish(fig: Figure, title: str, save: str | Path | None) -> Figure:
-    fig.suptitle(title)
-    fig.tight_layout()
-    if save is not None:
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=120)
-    return fig
+from itmkit.figures.curves import finish_figure
 
 
 def seed_spread_figure(runs: pd.DataFrame, summary: pd.DataFrame, metric: str = "rsum",
@@ -44,7 +37,7 @@ def seed_spread_figure(runs: pd.DataFrame, summary: pd.DataFrame, metric: str = 
                     fmt="D", color="black", capsize=5, label="mean, 95 % interval" if x == 0 else None)  # fmt: skip
     ax.set(xlabel="method", ylabel=f"test {metric}")
     ax.legend(title=None, fontsize=8, loc="best")
-    return _finish(fig, title or f"{metric} per seed: the spread the same recipe gives", save)
+    return finish_figure(fig, title or f"{metric} per seed: the spread the same recipe gives", save)
 
 
 def paired_difference_figure(differences: np.ndarray, observed: float, ci: tuple[float, float], names: tuple[str, str],
@@ -58,7 +51,7 @@ def paired_difference_figure(differences: np.ndarray, observed: float, ci: tuple
     ax.axvline(0.0, color="black", ls="--", lw=1, label="no difference")
     ax.set(xlabel=f"{names[0]} - {names[1]}: mean per-image {metric} difference", ylabel="bootstrap density")
     ax.legend(fontsize=8)
-    return _finish(fig, title or f"{names[0]} vs {names[1]} on the same test queries", save)
+    return finish_figure(fig, title or f"{names[0]} vs {names[1]} on the same test queries", save)
 
 
 def ranking_figure(ranks: pd.DataFrame, title: str | None = None, save: str | Path | None = None) -> Figure:
@@ -73,7 +66,7 @@ def ranking_figure(ranks: pd.DataFrame, title: str | None = None, save: str | Pa
     sns.heatmap(table, annot=True, fmt=".0f", cmap="crest_r", cbar=False, ax=ax, linewidths=0.5)
     ax.set_xticklabels([f"{c}\n{'flipped' if flipped[c] else ''}" for c in table.columns], rotation=0)
     ax.set(xlabel="seed" + (" / data seed" if len(keys) > 1 else ""), ylabel="method (best mean on top)")
-    return _finish(fig, title or f"rank per seed: {int(flipped.sum())} of {len(flipped)} seeds reorder the methods", save)
+    return finish_figure(fig, title or f"rank per seed: {int(flipped.sum())} of {len(flipped)} seeds reorder the methods", save)
 
 
 def hard_negative_figure(diagnostics: pd.DataFrame, score: str = "group", title: str | None = None,
@@ -92,4 +85,4 @@ def hard_negative_figure(diagnostics: pd.DataFrame, score: str = "group", title:
     ax.axhline(chance, color="black", ls="--", lw=1, label=f"chance {chance:.1f} %")
     ax.set(xlabel="what the swap tests", ylabel=f"{score} score (%)", ylim=(0, 100))
     ax.legend(fontsize=8, ncols=2)
-    return _finish(fig, title or f"hard-negative pairs: {score} score per swap kind", save)
+    return finish_figure(fig, title or f"hard-negative pairs: {score} score per swap kind", save)

@@ -722,12 +722,9 @@ def load_reference_checkpoint(
     """Convert (:func:`convert_checkpoint`), build and load **strictly** (any missing, unexpected or
     misshaped key raises :class:`itmkit.checkpoints.CheckpointMismatchError` naming it). The
     model comes back in eval mode with its :class:`RunConfig`."""
-    from itmkit.checkpoints import checkpoint_label, load_converted
+    from itmkit.checkpoints import build_converted
 
-    run_cfg, state = convert_checkpoint(source, hf_path=hf_path)
-    model = build(run_cfg, None)
-    load_converted(model, state, source=checkpoint_label(source))
-    return model.eval(), run_cfg
+    return build_converted(convert_checkpoint, build, source, hf_path=hf_path)
 
 
 METHOD = MethodSpec(
