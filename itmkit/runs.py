@@ -40,3 +40,20 @@ def load_run(path_or_ckpt: str | Path, device: str | torch.device | None = None)
     tensor; a damaged file fails its integrity check (:func:`~itmkit.train.checkpoint.load_checkpoint`).
     """
     return model_from_checkpoint(resolve_checkpoint(path_or_ckpt), device)
+
+
+def shared_run_dir(root: str | Path, method: str, cfg: RunConfig, variant: str | None = None) -> Path:
+    """The folder of a run that several notebooks or studies share: ``<root>/<name>``.
+
+    ``name`` is ``<method>[-<variant>]-<preset>-seed<seed>-<hash>``, the hash taken over the whole
+    config (``cfg.to_json()``), so two callers asking for the same settings land in the same
+    folder (the trainer then returns the finished run, or resumes an unfinished one) and any
+    difference in settings, however small, gives a new folder. ``variant`` only makes the name
+    readable (``sgraf-saf-course-seed0-...``); the settings that make the variant are in the hash.
+    """
+    import hashlib
+
+    digest = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:8]
+    label = f"{method}-{variant}" if variant else method
+    return Path(root).resolve() / f"{label}-{cfg.preset}-seed{cfg.train.seed}-{digest}"
+

@@ -247,6 +247,35 @@ def test_comparison_run_trains_once_and_is_reused(tmp_path):
     assert other.out_dir != first.out_dir  # another seed: another run
 
 
+def test_comparison_run_variant_and_overrides_are_their_own_runs(tmp_path):
+    from itmkit.course import comparison_run
+    from itmkit.runs import load_run
+
+    base = comparison_run("vse_infty", "smoke", tmp_path / "03", epochs=1, seed=0)
+    mean = comparison_run("vse_infty", "smoke", tmp_path / "05", epochs=1, seed=0, variant="mean")
+    assert mean.out_dir != base.out_dir and mean.out_dir.name.startswith("vse_infty-mean-smoke-seed0-")
+    assert load_run(mean.out_dir)[1].model.pooling == "mean"  # the variant's settings were trained
+    same = comparison_run("vse_infty", "smoke", tmp_path / "07", epochs=1, seed=0,
+                          overrides={"model.pooling": "mean"})
+    # the same settings reached another way: the hash matches, only the readable label differs
+    assert same.out_dir.name.split("-")[-1] == mean.out_dir.name.split("-")[-1]
+    with pytest.raises(KeyError, match="no variant 'nope'"):
+        comparison_run("vse_infty", "smoke", tmp_path / "08", epochs=1, variant="nope")
+
+
+def test_shared_run_dir_names_every_setting(tmp_path):
+    from itmkit.config import replace_nested
+    from itmkit.methods.registry import get_method
+    from itmkit.runs import shared_run_dir
+
+    cfg = get_method("scan").preset("smoke")
+    a = shared_run_dir(tmp_path, "scan", cfg)
+    assert a == shared_run_dir(tmp_path, "scan", get_method("scan").preset("smoke"))
+    assert a.parent == tmp_path.resolve() and a.name.startswith("scan-smoke-seed")
+    assert shared_run_dir(tmp_path, "scan", replace_nested(cfg, {"train.lr": 0.0123})) != a
+    assert shared_run_dir(tmp_path, "scan", replace_nested(cfg, {"train.seed": 7})).name.startswith("scan-smoke-seed7-")
+
+
 def test_notebook_names_are_their_modules_own_objects():
     import importlib
 

@@ -27,6 +27,7 @@ NOTEBOOK_NAMES: dict[str, str] = {
     "embedded_preset_for": "itmkit.course.notebook",
     "notebook_run_config": "itmkit.course.notebook",
     "comparison_run": "itmkit.course.notebook",
+    "shared_runs_dir": "itmkit.course.notebook",
     "write_metrics": "itmkit.course.notebook",
     "run_course": "itmkit.course.runner",
     # set-up and configuration

@@ -75,6 +75,11 @@ def notebook_run_config(
     return replace_nested(cfg, overrides)
 
 
+def shared_runs_dir(out_dir: str | Path) -> Path:
+    """Where a course run keeps runs that several notebooks share: ``<out_dir>/../_shared_runs``."""
+    return Path(out_dir).resolve().parent / "_shared_runs"
+
+
 def comparison_run(
     method: str,
     preset: str,
@@ -84,30 +89,42 @@ def comparison_run(
     epochs: int | None = None,
     device: str = "auto",
     seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    variant: str | None = None,
     progress: bool = False,
 ):
-    """Train (or reuse) a method a notebook compares against, e.g. VSE∞ beside SCAN.
+    """Train (or reuse) a run a notebook shows or compares against, e.g. VSE∞ beside SCAN.
 
-    Runs live in ``<out_dir>/../_shared_runs/<method>-<preset>-seed<seed>-<config hash>``, so
-    in one course run the first notebook that needs VSE∞ trains it and the later ones reuse the
-    finished run (the trainer returns a finished run without training). A notebook run on its own
-    simply trains it: nothing depends on what another notebook left behind, and the config hash
+    Runs live in :func:`shared_runs_dir` under :func:`itmkit.runs.shared_run_dir`'s name
+    (method, variant, preset, seed and a hash of the whole config), so in one course run the first
+    notebook that needs VSE∞ trains it and the later ones reuse the finished run (the trainer
+    returns a finished run without training, and resumes an unfinished one). A notebook run on
+    its own simply trains it: nothing depends on what another notebook left behind, and the hash
     keeps runs of different settings apart. ``preset`` may be a method variant preset such as
     ``course-t2i-avg``; ``paper-*`` variants of another method fall back to that method's
-    ``paper`` preset. Returns the trainer's :class:`~itmkit.train.trainer.RunResult`.
+    ``paper`` preset. ``variant`` names one of the method's registered variants
+    (``get_method(method).variants``, e.g. SGRAF's ``"saf"``), whose settings are applied first;
+    ``overrides`` are further dotted settings (``{"model.module": "SAF"}``) applied after it.
+    Returns the trainer's :class:`~itmkit.train.trainer.RunResult`.
     """
-    import hashlib
-
+    from itmkit.config import replace_nested
     from itmkit.methods.registry import get_method
+    from itmkit.runs import shared_run_dir
     from itmkit.train.trainer import train
 
-    presets = get_method(method).presets
-    if preset not in presets:
+    spec = get_method(method)
+    if preset not in spec.presets:
         preset = preset.split("-")[0]  # a variant of another method: the base recipe of this one
     cfg = notebook_run_config(method, preset, data_dir=data_dir, epochs=epochs, device=device, seed=seed)
-    digest = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:8]
-    folder = Path(out_dir).resolve().parent / "_shared_runs" / f"{method}-{cfg.preset}-seed{seed}-{digest}"
-    return train(cfg, folder, resume=True, progress=progress)
+    settings: dict[str, Any] = {}
+    if variant is not None:
+        if variant not in spec.variants:
+            raise KeyError(f"method {method!r}: no variant {variant!r}; available: {sorted(spec.variants)}")
+        settings.update(spec.variants[variant])
+    settings.update(overrides or {})
+    if settings:
+        cfg = replace_nested(cfg, settings)
+    return train(cfg, shared_run_dir(shared_runs_dir(out_dir), method, cfg, variant), resume=True, progress=progress)
 
 
 def _scalar(key: str, value: Any, path: Path) -> Any:
