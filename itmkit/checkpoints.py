@@ -135,8 +135,10 @@ def load_converted(model: nn.Module, state: dict[str, Tensor], source: str) -> L
     """Load a converter's ``state`` into ``model`` strictly (:func:`load_strict`), after giving it
     the model's own :data:`BERT_POSITION_IDS` buffer when the installed transformers keeps one."""
     expected = model.state_dict()
-    if BERT_POSITION_IDS in expected and BERT_POSITION_IDS not in state:
-        state[BERT_POSITION_IDS] = expected[BERT_POSITION_IDS]
+    suffix = BERT_POSITION_IDS.split("backbone.", 1)[1]  # AAHR nests its BERT deeper (text.fragments.backbone.*)
+    for key, value in expected.items():
+        if key.endswith(suffix) and ".backbone." in f".{key}" and key not in state:
+            state[key] = value
     return load_strict(model, state, source=source)
 
 

@@ -24,6 +24,7 @@ METHOD_MODULES: dict[str, str] = {
     "hrem": "itmkit.methods.hrem",
     "lhsc": "itmkit.methods.lhsc",
     "cefg": "itmkit.methods.cefg",
+    "aahr": "itmkit.methods.aahr",
 }
 
 
