@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -122,6 +123,61 @@ def write_global_features(folder: str | Path, split: str, images: np.ndarray, ca
     return paths
 
 
+# ----------------------------------------------------------------------------- writing CLIP features (data_prep)
+
+
+def image_files(split: PrecompSplit, images_root: str | Path, id_mapping: Mapping[str, str] | None = None) -> list[Path]:
+    """The raw image file of every unique image of ``split`` (``images_root / id_mapping[str(id)]``;
+    without a mapping, ``images_root / f"{id}.jpg"``). Ids from ``{split}_ids.txt``.
+
+    Raises :class:`DataFormatError` naming the ids file, an id the mapping lacks, or a missing file."""
+    ids_path = Path(split.root) / f"{split.split}_ids.txt"
+    if split.image_ids is None:
+        raise DataFormatError(ids_path, "file", "one image id per image or caption (to find the raw images)", "no such file")
+    root = Path(images_root)
+    files = []
+    for image, image_id in enumerate(split.image_ids):
+        key = str(int(image_id))
+        if id_mapping is not None and key not in id_mapping:
+            raise DataFormatError(ids_path, f"image {image}", f"an id listed in the id mapping ({len(id_mapping)} ids)", f"id {key}")
+        path = root / (id_mapping[key] if id_mapping is not None else f"{key}.jpg")
+        if not path.is_file():
+            raise DataFormatError(path, "file", f"the raw image of {split.split} image {image} (id {key})", "no such file")
+        files.append(path)
+    return files
+
+
+def write_clip_features(
+    split: PrecompSplit,
+    files: list[Path],
+    encode_images: Callable[[list[Path]], np.ndarray],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    out_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> tuple[Path, Path]:
+    """Encode ``split``'s images (``files``, one per unique image) and captions in batches with the
+    given encoders (``[n, g]`` arrays each; OpenCLIP's ``encode_image`` / ``encode_text`` in
+    ``data_prep/clip_features.py``) and write ``{split}_clip_{img,cap}.npy`` to ``out_dir``
+    (default: the precomp folder). Returns the two paths."""
+    if len(files) != split.n_images:
+        raise ValueError(f"write_clip_features: expected {split.n_images} image files (one per image), found {len(files)}")
+    if batch_size < 1:
+        raise ValueError(f"write_clip_features batch_size: expected >= 1, found {batch_size}")
+
+    def run(encode: Callable, items: list, what: str) -> np.ndarray:
+        parts = []
+        for start in range(0, len(items), batch_size):
+            chunk = np.asarray(encode(items[start : start + batch_size]), dtype=np.float32)
+            if chunk.ndim != 2 or chunk.shape[0] != len(items[start : start + batch_size]):
+                raise ValueError(f"write_clip_features: the {what} encoder returned shape {chunk.shape} for "
+                                 f"{len(items[start : start + batch_size])} items; expected [n, g]")  # fmt: skip
+            parts.append(chunk)
+        return np.concatenate(parts)
+
+    images, captions = run(encode_images, list(files), "image"), run(encode_texts, list(split.captions), "text")
+    return write_global_features(out_dir if out_dir is not None else split.root, split.split, images, captions)
+
+
 # ----------------------------------------------------------------------------- embedded sets [itmkit]
 
 
@@ -197,6 +253,8 @@ __all__ = [
     "embedded_global_features",
     "global_feature_paths",
     "global_features_for",
+    "image_files",
+    "write_clip_features",
     "read_global_features",
     "sentence_embeddings",
     "whole_image_rows",
