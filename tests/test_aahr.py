@@ -449,7 +449,8 @@ def test_missing_global_features_list_the_files_to_supply(tmp_path):
     prepared, pipeline = model.prepare_data(split.subset(1, 3), WordIdPipeline(vocab))
     assert isinstance(pipeline, GlobalKeyPipeline) and prepared.images[0].shape == (4, IMG + GI)
     ids = pipeline.encode(captions[7])  # caption 2 of the view (file caption 7)
-    assert torch.equal(model._caption_globals[ids[0]], torch.arange(7 * GT, 8 * GT, dtype=torch.float32))
+    _, lengths, found = model._caption_inputs(torch.tensor([ids]), torch.tensor([len(ids)]))
+    assert torch.equal(found[0], torch.arange(7 * GT, 8 * GT, dtype=torch.float32)) and int(lengths[0]) == len(ids) - 1
     assert model.prepare_data(prepared, pipeline)[1] is pipeline  # idempotent
     np.save(root / "test_clip_cap.npy", np.zeros((14, GT), np.float32))
     with pytest.raises(DataFormatError, match="rows"):
