@@ -502,3 +502,42 @@ def test_embedded_global_features_use_the_whole_image_box():
     same = [i for i in range(1, split.n_captions) if split.captions[i] == split.captions[0]]
     for i in same:  # a repeated caption gets the same vector
         np.testing.assert_array_equal(found.captions[i], found.captions[0])
+
+
+# ----------------------------------------------------------------------------- notebook tables
+
+
+def test_set_views_and_tables_on_the_tiny_set():
+    from itmkit.data.embedded import embedded_dataset
+    from itmkit.data.precomp import PrecompSplit
+    from itmkit.data.text import build_text_pipeline
+
+    run_cfg = get_method("aahr").preset("smoke")
+    root = embedded_dataset("tiny", progress=False)
+    split = PrecompSplit.open(root, "test")
+    pipeline = build_text_pipeline(run_cfg.text, PrecompSplit.open(root, "train").captions, root)
+    torch.manual_seed(0)
+    model = get_method("aahr").build(run_cfg, pipeline.vocab_size).train()
+    views = aahr.set_views(model, split, pipeline)
+    assert model.training  # mode restored
+    assert views.images.shape == (split.n_images, 32) and views.caption_gate.shape == (split.n_captions, 32)
+    np.testing.assert_allclose(views.caption_assign.sum(1), 1, rtol=1e-5)
+    with torch.no_grad():
+        model.eval()
+        from itmkit.evaluate.evaluator import encode_split
+
+        images, captions = encode_split(model, split, pipeline, progress=False)
+    np.testing.assert_allclose(views.images, images.feats.numpy(), atol=1e-5)
+    np.testing.assert_allclose(views.captions, captions.feats.numpy(), atol=1e-5)
+    table = aahr.prototype_table(views, split.captions)
+    assert table["images"].sum() == split.n_images and table["captions"].sum() == split.n_captions
+    top_img, top_cap = views.image_assign.argmax(1), views.caption_assign.argmax(1)
+    p = int(table["prototype"].iloc[0])
+    mine = top_cap == p
+    assert table["captions_with_own_image"].iloc[0] == pytest.approx((top_img[views.caption_image[mine]] == p).mean())
+    soft = aahr.soft_positive_table(views, split.captions, n=3)
+    entropy = -(views.caption_assign * np.log(views.caption_assign)).sum(1)
+    assert soft["entropy"].iloc[0] == pytest.approx(entropy.max(), rel=1e-5)
+    assert (soft["top_weight"] >= soft["second_weight"]).all()
+    gates = aahr.gate_table(views)
+    assert gates.loc[0, "mean"] == pytest.approx(views.image_gate.mean(), rel=1e-5)

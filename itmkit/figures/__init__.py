@@ -7,7 +7,9 @@
 - :mod:`~itmkit.figures.alignment`: word-region weights of any method's explanation drawn on the
   image (one set of functions for SCAN, CHAN, SGRAF, ESL, ...);
 - :mod:`~itmkit.figures.graphs`: similarity graphs of one pair: similarity vectors, graph edges,
-  attention filtration.
+  attention filtration;
+- :mod:`~itmkit.figures.prototypes`: clustering prototypes (who shares one, soft assignments) and
+  fusion gates of an embedding model (AAHR).
 
 Every function returns a :class:`matplotlib.figure.Figure` (or the axes it drew on); notebooks
 save it to ``out_dir`` and show it. Adding a figure: put it in the module of what it shows, take
@@ -16,6 +18,6 @@ data (a table, a :class:`~itmkit.evaluate.retrieval.TopK`, an
 ``tests/test_figures_<module>.py``.
 """
 
-from itmkit.figures import alignment, curves, graphs, images
+from itmkit.figures import alignment, curves, graphs, images, prototypes
 
-__all__ = ["alignment", "curves", "graphs", "images"]
+__all__ = ["alignment", "curves", "graphs", "images", "prototypes"]

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -569,6 +570,83 @@ def set_views(model: AAHR, split: PrecompSplit, pipeline: Any, batch_size: int =
                     assign[0], assign[1], np.arange(len(split.captions)) // 5)  # fmt: skip
 
 
+def _entropy(q: np.ndarray) -> np.ndarray:
+    return -(q * np.log(np.clip(q, 1e-12, None))).sum(axis=1)
+
+
+def prototype_table(views: SetViews, captions: list[str]) -> pd.DataFrame:
+    """One row per prototype that holds any item (by each item's largest soft assignment):
+    ``prototype``, ``images``, ``captions`` (counts), ``captions_with_own_image`` (share of its
+    captions whose image sits in the same prototype), ``example`` (its first caption)."""
+    if views.image_assign is None:
+        raise ValueError("prototype_table: the model has no prototypes (model.prototypes = False)")
+    img_top, cap_top = views.image_assign.argmax(1), views.caption_assign.argmax(1)
+    same = img_top[views.caption_image] == cap_top
+    k = views.image_assign.shape[1]
+    first = {int(p): captions[int(np.nonzero(cap_top == p)[0][0])] for p in np.unique(cap_top)}
+    table = pd.DataFrame({
+        "prototype": np.arange(k),
+        "images": np.bincount(img_top, minlength=k),
+        "captions": np.bincount(cap_top, minlength=k),
+        "captions_with_own_image": [float(same[cap_top == p].mean()) if (cap_top == p).any() else np.nan for p in range(k)],
+        "example": [first.get(p, "") for p in range(k)],
+    })  # fmt: skip
+    return table[(table["images"] > 0) | (table["captions"] > 0)].reset_index(drop=True)
+
+
+def soft_positive_table(views: SetViews, captions: list[str], n: int = 6) -> pd.DataFrame:
+    """The ``n`` captions with the most spread-out soft assignment (highest entropy of ``Q``), the
+    ones whose "positive" is least one cluster: ``caption``, ``entropy`` (nats; ``log K`` = uniform),
+    ``top``/``top_weight``, ``second``/``second_weight`` (prototypes and their ``q``), ``own_image_top``
+    (the caption's image's prototype), ``images_sharing_top`` (other images in the caption's top
+    prototype: the soft positives the swapped prediction pulls it towards)."""
+    if views.caption_assign is None:
+        raise ValueError("soft_positive_table: the model has no prototypes (model.prototypes = False)")
+    q = views.caption_assign
+    order = np.argsort(-q, axis=1)
+    entropy = _entropy(q)
+    img_top = views.image_assign.argmax(1)
+    chosen = np.argsort(-entropy, kind="stable")[:n]
+    rows = np.arange(len(q))
+    table = pd.DataFrame({
+        "caption": [captions[c] for c in chosen], "entropy": entropy[chosen],
+        "top": order[chosen, 0], "top_weight": q[rows, order[:, 0]][chosen],
+        "second": order[chosen, 1], "second_weight": q[rows, order[:, 1]][chosen],
+        "own_image_top": img_top[views.caption_image[chosen]],
+        "images_sharing_top": [int((img_top == order[c, 0]).sum() - (img_top[views.caption_image[c]] == order[c, 0]))
+                               for c in chosen],
+    })  # fmt: skip
+    return table
+
+
+def gate_table(views: SetViews) -> pd.DataFrame:
+    """Per modality: the fusion gate ``g`` (share of the pooled local embedding; ``1 − g`` is the
+    global feature's) over items and dimensions: ``mean``, ``std``, ``min``, ``max``, and the
+    share of dimensions where the local side dominates (``g > 0.5``)."""
+    if views.image_gate is None:
+        raise ValueError("gate_table: the model has no global branch (model.clip_branch = 'none')")
+    rows = []
+    for modality, gate in (("image", views.image_gate), ("caption", views.caption_gate)):
+        rows.append({"modality": modality, "mean": gate.mean(), "std": gate.std(), "min": gate.min(),
+                     "max": gate.max(), "local_dominates": float((gate > 0.5).mean())})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def run_table(runs: Mapping[str, Any], seconds: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """One row per trainer result (``label -> RunResult``): the six test recalls, rsum, training
+    seconds (from ``seconds`` when given, else the run's own) and best epoch."""
+    from itmkit.evaluate.protocols import summary_rows
+
+    names = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    rows = []
+    for label, result in runs.items():
+        row = {"run": label, **summary_rows(result.test_metrics).iloc[0][names].astype(float).to_dict()}
+        row["train_seconds"] = float(seconds[label]) if seconds and label in seconds else float(result.seconds)
+        row["best_epoch"] = int(result.best_epoch)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
+
+
 # ----------------------------------------------------------------------------- presets
 
 
@@ -778,7 +856,11 @@ __all__ = [
     "SideOutput",
     "build",
     "convert_checkpoint",
+    "gate_table",
     "load_reference_checkpoint",
+    "prototype_table",
+    "run_table",
+    "soft_positive_table",
     "paper_preset",
     "set_views",
 ]
