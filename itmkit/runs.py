@@ -9,6 +9,7 @@ This module sits above the trainer: the trainer itself reads its checkpoints thr
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -57,3 +58,19 @@ def shared_run_dir(root: str | Path, method: str, cfg: RunConfig, variant: str |
     label = f"{method}-{variant}" if variant else method
     return Path(root).resolve() / f"{label}-{cfg.preset}-seed{cfg.train.seed}-{digest}"
 
+
+def run_table(runs: Mapping[str, Any], seconds: Mapping[str, float] | None = None) -> "pd.DataFrame":
+    """One row per trainer result (``label -> RunResult``): the six test recalls, rsum, training
+    seconds (from ``seconds`` when given, else the run's own) and best epoch."""
+    import pandas as pd
+
+    from itmkit.evaluate.protocols import summary_rows
+
+    names = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    rows = []
+    for label, result in runs.items():
+        row = {"run": label, **summary_rows(result.test_metrics).iloc[0][names].astype(float).to_dict()}
+        row["train_seconds"] = float(seconds[label]) if seconds and label in seconds else float(result.seconds)
+        row["best_epoch"] = int(result.best_epoch)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")

@@ -75,3 +75,21 @@ def test_hf_text_run_trains_saves_and_reloads_to_the_same_scores(method, tmp_pat
     np.testing.assert_allclose(np.asarray(again.sims), np.load(out / "test" / "sims.npy"), rtol=1e-5, atol=1e-6)
     saved = pd.read_csv(out / "test_metrics.csv")
     assert again.metrics["rsum"].iloc[0] == pytest.approx(saved["rsum"].iloc[0])
+
+
+def test_run_table_reads_each_results_summary_row():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from itmkit.runs import run_table
+
+    names = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    folds = pd.DataFrame([{"fold": "0", **{n: 1.0 for n in names}}, {"fold": "mean", **{n: float(i) for i, n in enumerate(names)}}])
+    whole = pd.DataFrame([{"fold": "all", **{n: 2.0 for n in names}}])
+    runs = {"a": SimpleNamespace(test_metrics=folds, seconds=3.5, best_epoch=2),
+            "b": SimpleNamespace(test_metrics=whole, seconds=9.0, best_epoch=1)}
+    table = run_table(runs, seconds={"b": 4.0})
+    assert table.loc["a", "rsum"] == 6.0 and table.loc["a", "i2t_r1"] == 0.0 and table.loc["b", "t2i_r10"] == 2.0
+    assert table.loc["a", "train_seconds"] == 3.5 and table.loc["b", "train_seconds"] == 4.0
+    assert table.loc["a", "best_epoch"] == 2

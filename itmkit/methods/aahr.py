@@ -370,7 +370,8 @@ class AAHR(MatchingModel):
         keys: dict[str, int] = {}
         for row, caption in enumerate(split.captions):
             keys.setdefault(caption, offset + row)
-        return split.with_region_columns(extra, GLOBAL_COLUMNS), GlobalKeyPipeline(pipeline, keys)
+        wrapped = None if pipeline is None else GlobalKeyPipeline(pipeline, keys)  # None: images only
+        return split.with_region_columns(extra, GLOBAL_COLUMNS), wrapped
 
     def _image_inputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self.uses_global:
@@ -632,21 +633,6 @@ def gate_table(views: SetViews) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_table(runs: Mapping[str, Any], seconds: Mapping[str, float] | None = None) -> pd.DataFrame:
-    """One row per trainer result (``label -> RunResult``): the six test recalls, rsum, training
-    seconds (from ``seconds`` when given, else the run's own) and best epoch."""
-    from itmkit.evaluate.protocols import summary_rows
-
-    names = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-    rows = []
-    for label, result in runs.items():
-        row = {"run": label, **summary_rows(result.test_metrics).iloc[0][names].astype(float).to_dict()}
-        row["train_seconds"] = float(seconds[label]) if seconds and label in seconds else float(result.seconds)
-        row["best_epoch"] = int(result.best_epoch)
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("run")
-
-
 # ----------------------------------------------------------------------------- presets
 
 
@@ -859,7 +845,6 @@ __all__ = [
     "gate_table",
     "load_reference_checkpoint",
     "prototype_table",
-    "run_table",
     "soft_positive_table",
     "paper_preset",
     "set_views",
