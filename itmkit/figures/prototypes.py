@@ -42,7 +42,9 @@ def prototype_figure(image_assign: np.ndarray, caption_assign: np.ndarray, capti
     axes[0].set(xlabel="prototype", ylabel="items (largest assignment)", title="who sits in each prototype")
     axes[0].legend(fontsize=8)
     shown = q_cap[:n_captions]
-    sns.heatmap(shown, ax=axes[1], cmap="rocket_r", vmin=0, vmax=1, cbar_kws={"label": "q (soft assignment)"})
+    # colour scale from 0 to the largest shown q: assignments near uniform (1/K) stay readable
+    sns.heatmap(shown, ax=axes[1], cmap="rocket_r", vmin=0, vmax=float(shown.max()), yticklabels=5,
+                cbar_kws={"label": f"q (soft assignment; uniform = 1/{k} = {1 / k:.3f})"})
     own = img_top[np.asarray(caption_image)[:n_captions]]
     axes[1].scatter(own + 0.5, np.arange(len(shown)) + 0.5, marker="x", color="tab:blue", s=30, label="own image's prototype")
     axes[1].set(xlabel="prototype", ylabel="caption", title="captions' soft assignments (Sinkhorn)")
