@@ -229,3 +229,43 @@ def test_explain_pair_encodes_like_the_evaluation(tiny_split, method):
         explain_pair(model, pipeline, split, image=16, caption=0)
     with pytest.raises(IndexError, match=r"caption 80: expected an index in \[0, 80\) or a text"):
         explain_pair(model, pipeline, split, image=0, caption=80)
+
+
+class _PartByHand:
+    """A stand-in model whose part is known in closed form: value of word j of caption c explained
+    with image i is ``100 * i + feats[c, j, 0]``, led by one global node of value ``-i``."""
+
+    def explain(self, images, captions):
+        image = float(images.feats[0, 0, 0])  # the test writes the image index into its features
+        n = int(captions.lengths[0])
+        return {"part": np.array([-image, *(100 * image + captions.feats[0, :n, 0]).tolist()])}
+
+
+def test_word_parts_of_matching_pairs_pairs_each_caption_with_its_own_image():
+    from itmkit.evaluate.explain import GLOBAL_NODE, mean_by_word, word_parts_of_matching_pairs
+
+    n_img, lengths = 3, [2, 3, 1, 2]
+    images = Encoded(torch.arange(n_img, dtype=torch.float32)[:, None, None].expand(n_img, 2, 4).clone(),
+                     torch.full((n_img,), 2))
+    feats = torch.zeros(4, 3, 4)
+    for c, n in enumerate(lengths):
+        feats[c, :n, 0] = torch.arange(1, n + 1) + 10 * c
+    captions = Encoded(feats, torch.tensor(lengths))
+    image_of_caption = [2, 0, 1, 2]
+    tokens = [["a", "b"], ["a", "c", "d"], ["b"], ["c", "a"]]
+    rows = word_parts_of_matching_pairs(_PartByHand(), images, captions, image_of_caption, tokens, "part",
+                                        leading_nodes=(GLOBAL_NODE,))
+    expected = []
+    for c, words in enumerate(tokens):
+        i = image_of_caption[c]
+        expected.append((c, 0, GLOBAL_NODE, -i))
+        expected += [(c, j + 1, w, 100 * i + (j + 1) + 10 * c) for j, w in enumerate(words)]
+    assert [tuple(r) for r in rows.itertuples(index=False)] == expected
+
+    table = mean_by_word(rows, min_count=2)
+    # by hand: a = (201, 11, 232), b = (202, 121), c = (12, 231), global = (-2, 0, -1, -2); d (once) left out
+    assert list(table.index) == [GLOBAL_NODE, "c", "a", "b"]
+    assert table["mean"].tolist() == pytest.approx([-1.25, 121.5, 148.0, 161.5])
+    assert table["count"].tolist() == [4, 2, 3, 2]
+    with pytest.raises(ValueError, match="caption 0: explanation part 'part' has 3 values, expected 2"):
+        word_parts_of_matching_pairs(_PartByHand(), images, captions, image_of_caption, tokens, "part")

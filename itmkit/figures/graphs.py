@@ -16,9 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from itmkit.figures.alignment import draw_region_weights, word_weights
+from itmkit.evaluate.explain import GLOBAL_NODE
 from itmkit.models.base import Explanation
 
-GLOBAL_NODE = "<global>"
 FILTRATION_COLOUR = "#4daf4a"
 
 
