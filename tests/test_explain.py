@@ -209,7 +209,7 @@ def tiny_split():
     return test, WordIdPipeline(Vocabulary.build(PrecompSplit.open(root, "train").captions, threshold=1))
 
 
-@pytest.mark.parametrize("method", ["vse_infty", "scan", "chan"])
+@pytest.mark.parametrize("method", ["vse_infty", "scan", "chan", "cefg"])  # cefg: prepare_data
 def test_explain_pair_encodes_like_the_evaluation(tiny_split, method):
     from itmkit.evaluate.evaluator import encode_split, similarity_matrix
     from itmkit.evaluate.explain import explain_pair

@@ -268,10 +268,13 @@ def evaluate_model(
 
 @torch.no_grad()
 def encode_split_images(
-    model: MatchingModel, split: PrecompSplit, images, device: torch.device | str | None = None
+    model: MatchingModel, split: PrecompSplit, images, device: torch.device | str | None = None, pipeline=None
 ) -> Encoded:
     """Encode some images of ``split`` (indices ``images``, in that order) as :func:`encode_split`
-    does: eval mode, all ``n_regions`` regions, result on the CPU (``len == len(images)``)."""
+    does: the split passed through ``model.prepare_data`` (CEFG's adjacency columns, AAHR's global
+    features; ``pipeline`` goes along, ``None`` where only images are read), eval mode, all
+    ``n_regions`` regions, result on the CPU (``len == len(images)``)."""
+    split, _ = model.prepare_data(split, pipeline)
     index = np.atleast_1d(np.asarray(images, dtype=np.int64))
     bad = index[(index < 0) | (index >= split.n_images)]
     if len(bad):
