@@ -20,6 +20,7 @@ LAYERS = [
     ("itmkit.train",),
     ("itmkit.runs",),
     ("itmkit.figures",),
+    ("itmkit.explorer",),
     ("itmkit.course", "itmkit.cli", "itmkit.__main__", "itmkit"),
 ]
 # (importer, imported): lookups by name that cross the line inside a function (docs/DESIGN.md)

@@ -62,6 +62,9 @@ NOTEBOOK_NAMES: dict[str, str] = {
     "reported_results": "itmkit.reported",
     # figures, by what they show: figures.curves, figures.images, figures.alignment, figures.graphs
     "figures": "itmkit.figures",
+    # the interactive explorer (ipywidgets) and its static views
+    "explorer_app": "itmkit.explorer.app",
+    "ExplorerSession": "itmkit.explorer.session",
 }
 
 
