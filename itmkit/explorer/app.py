@@ -57,6 +57,8 @@ class ExplorerApp:
         self.ranked = widgets.HBox()
         self.ranked.add_class("itmkit-ranked")
         self.alignment_out = widgets.Output()
+        self.alignment_out.add_class("itmkit-alignment")
+        self.status.add_class("itmkit-status")
         self.captions_out = widgets.Output()
         self.compare_out = widgets.Output()
         self.run_picker.observe(lambda change: self.select_run(change["new"]), names="value")
