@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from itmkit.data.augment import augment_word_ids, augment_word_pieces
+from itmkit.data.augment import ALTER_RATE, MASK_SHARE, RANDOM_SHARE, augment_word_ids, augment_word_pieces
 from itmkit.data.errors import DataFormatError
 from itmkit.data.tokenize import word_tokenize
 from itmkit.data.vocab import Vocabulary
@@ -218,3 +218,31 @@ def build_text_pipeline(text_cfg: "TextConfig", train_captions: list[str] | None
     if not train_captions:
         raise ValueError("build_text_pipeline: bigru without vocab_path or <data_dir>/vocab.json needs train_captions")
     return WordIdPipeline(Vocabulary.build(train_captions, threshold=text_cfg.vocab_threshold, progress=True))
+
+
+def augmentation_rates(pipeline: TextPipeline, captions: Sequence[str], draws: int, rng: np.random.Generator) -> dict[str, float]:
+    """Measured training-time caption augmentation of a word-id pipeline (baselines.md §A.5).
+
+    Encodes every caption ``draws`` times with ``rng`` and counts, over all test-time tokens,
+    the % that came out as ``<mask>`` and the % that were deleted (fewer ids than the clean
+    encoding). Returns ``{"tokens", "masked", "deleted", "expected_masked", "expected_deleted"}``;
+    the expected rates follow from :mod:`itmkit.data.augment`'s rule (10 % and 8 %).
+    """
+    if draws < 1 or not captions:
+        raise ValueError(f"augmentation_rates: expected draws >= 1 and some captions, found draws={draws}, {len(captions)} captions")
+    mask_id = getattr(pipeline, "mask_id", None)
+    if mask_id is None:
+        raise ValueError(f"augmentation_rates: expected a pipeline with a <mask> id, found {pipeline!r}")
+    original = kept = masked = 0
+    for caption in captions:
+        n = len(pipeline.encode(caption))
+        for _ in range(draws):
+            augmented = pipeline.encode(caption, rng=rng)
+            original, kept, masked = original + n, kept + len(augmented), masked + augmented.count(mask_id)
+    return {
+        "tokens": float(original),
+        "masked": 100 * masked / original,
+        "deleted": 100 * (original - kept) / original,
+        "expected_masked": 100 * ALTER_RATE * MASK_SHARE,
+        "expected_deleted": 100 * ALTER_RATE * (1 - RANDOM_SHARE),
+    }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -131,3 +131,24 @@ class Vocabulary:
 
     def __repr__(self) -> str:
         return f"Vocabulary({len(self)} words)"
+
+
+def coverage_by_threshold(counts: Mapping[str, int], held_out: Sequence[str], thresholds: Sequence[int] = (1, 2, 4, 8, 16)):
+    """What SCAN's count threshold (baselines.md §A.2) keeps, and how much held-out text it covers.
+
+    ``counts``: word counts of the captions the vocabulary is built from; ``held_out``: the
+    tokens of other captions (e.g. the test split's). Returns a DataFrame with one row per
+    threshold: ``threshold``, ``words`` (how many words have ``count >= threshold``) and
+    ``coverage`` (% of the held-out tokens that are such words; the rest become ``<unk>``).
+    """
+    import pandas as pd
+
+    if not held_out:
+        raise ValueError("coverage_by_threshold: expected held-out tokens to measure coverage on, found none")
+    rows = []
+    for t in thresholds:
+        if int(t) < 1:
+            raise ValueError(f"coverage_by_threshold: thresholds are minimum counts >= 1, found {t}")
+        kept = {w for w, n in counts.items() if n >= t}
+        rows.append({"threshold": int(t), "words": len(kept), "coverage": 100 * sum(w in kept for w in held_out) / len(held_out)})
+    return pd.DataFrame(rows)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -447,6 +448,30 @@ class ESL(MatchingModel):
             "contribution": alpha.numpy(),
             "share": (alpha.abs() / alpha.abs().sum().clamp_min(1e-12)).numpy(),
         })
+
+
+def level_score_gap(model: ESL, images: Encoded, captions: Encoded, captions_per_image: int = 5) -> pd.DataFrame:
+    """Mean per-level share of the score (:meth:`ESL.level_scores`) of matching and of
+    non-matching pairs, and their gap (esl.md §3): which granularities separate the pairs.
+
+    ``images [n_img, R, d]`` and ``captions [n_cap, L, d]`` encoded (caption ``c`` belongs to
+    image ``c // captions_per_image``); all ``n_img x n_cap`` pairs are scored at once, so keep
+    the sets small (notebook 07 uses 100 images). Returns one row per level: ``level``,
+    ``matching``, ``non-matching``, ``gap``.
+    """
+    with torch.no_grad():
+        per_level = model.level_scores(images, captions).cpu().numpy()  # [n_img, n_cap, levels]
+    n_img, n_cap = per_level.shape[:2]
+    matching = np.arange(n_cap)[None, :] // captions_per_image == np.arange(n_img)[:, None]
+    if not matching.any() or matching.all():
+        raise ValueError(f"level_score_gap: expected matching and non-matching pairs among {n_img} images x {n_cap} captions")
+    table = pd.DataFrame({
+        "level": np.arange(per_level.shape[-1]),
+        "matching": per_level[matching].mean(axis=0),
+        "non-matching": per_level[~matching].mean(axis=0),
+    })
+    table["gap"] = table["matching"] - table["non-matching"]
+    return table
 
 
 def build(run_cfg: RunConfig, vocab_size: int | None) -> ESL:

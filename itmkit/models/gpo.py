@@ -137,3 +137,26 @@ class GPO(nn.Module):
         features = features[:, : weights.shape[1]]
         pooled = sorted_weighted_sum(features, lengths, weights.to(features.dtype))
         return pooled, weights
+
+
+def gpo_weight_table(pools: "dict[str, GPO]", sizes: "dict[str, list[int]]"):
+    """The weights learned GPO pools give each *sorted* position, per set size (baselines.md §B.1).
+
+    ``pools``: named pools (``{"regions": model.image_pool, "words": model.text_pool}``);
+    ``sizes``: the set sizes to show per name. Returns a DataFrame with one row per (part, set
+    size, sorted position): ``part``, ``set size n``, ``sorted position`` (1 = the largest value),
+    ``weight``; the weights of one set sum to 1.
+    """
+    import pandas as pd
+
+    rows = []
+    for part, pool in pools.items():
+        if part not in sizes:
+            raise KeyError(f"gpo_weight_table: no set sizes given for {part!r}; given for {sorted(sizes)}")
+        device = next(pool.parameters()).device
+        with torch.no_grad():
+            for n in sizes[part]:
+                weights = pool.pool_weights(torch.tensor([int(n)], device=device))[0].cpu().numpy()
+                rows += [{"part": part, "set size n": int(n), "sorted position": k + 1, "weight": float(w)}
+                         for k, w in enumerate(weights)]  # fmt: skip
+    return pd.DataFrame(rows)
