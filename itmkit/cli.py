@@ -232,7 +232,7 @@ def cmd_study(args) -> int:
         if not sep or a not in plan.methods or b not in plan.methods:
             raise ValueError(f"--compare {item!r}: expected A:B with both methods in --methods {list(plan.methods)}")
         compare.append((a, b))
-    study = run_study(plan, args.out, progress=not args.quiet, device=args.device)
+    study = run_study(plan, args.out, progress=not args.quiet, device=args.device, shared_runs=args.shared_runs)
     _print_table(study.runs.drop(columns=["run_dir"]).round(2))
     print()
     _print_table(study.summary[study.summary["metric"].isin(["rsum", "group_all"])].round(2))
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="course", help="every method's preset (default course)")
     p.add_argument("--data", help="precomp folder instead of the embedded set")
     p.add_argument("--out", default="runs/study", help="study folder (default runs/study); reruns reuse its runs")
+    p.add_argument("--shared-runs", metavar="DIR", help="keep runs in DIR under shared names, e.g. runs/course/_shared_runs: "
+                   "reuses what the course notebooks trained with the same settings")
     p.add_argument("--compare", nargs="+", metavar="A:B", help="paired tests of method A against B")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run, repeatable")
     p.add_argument("--device", help="auto, cpu, cuda, mps")

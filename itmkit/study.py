@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from itmkit.config import replace_nested
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE
 from itmkit.evaluate.atomic_write import write_csv
+from itmkit.evaluate.collapse import COLLAPSE_RTOL, score_spread
 from itmkit.evaluate.hard_negatives import swap_pairs, swap_table
 from itmkit.evaluate.metrics import METRIC_NAMES, recall_metrics
 from itmkit.evaluate.paired import PairedResult, paired_query_test, paired_seed_test, results_table
@@ -136,7 +137,12 @@ class StudyResult:
 
     def similarity(self, method: str, seed: int, data_seed: int | None = None) -> np.ndarray:
         """The cached test matrix of one run (memory-mapped)."""
-        return load_similarity(self.out / method / run_dir_name(seed, data_seed) / "study" / "sims.npy")
+        rows = self.runs[(self.runs["method"] == method) & (self.runs["seed"] == seed)]
+        if data_seed is not None:
+            rows = rows[rows["data_seed"] == data_seed]
+        if len(rows) != 1:
+            raise KeyError(f"study {self.out}: expected one run of {method} seed {seed} data seed {data_seed}, found {len(rows)}")
+        return load_similarity(Path(rows["run_dir"].iloc[0]) / "study" / "sims.npy")
 
 
 def run_study(
@@ -145,11 +151,17 @@ def run_study(
     progress: bool = True,
     device: str | None = None,
     train_fn: Callable[..., Any] | None = None,
+    shared_runs: str | Path | None = None,
 ) -> StudyResult:
     """Train (or reuse, or resume) every run of ``plan`` under ``out`` and write the tables.
 
     ``train_fn`` defaults to :func:`itmkit.train.trainer.train` (tests pass a wrapper).
+    ``shared_runs``: keep the runs in this folder under :func:`itmkit.runs.shared_run_dir`'s
+    names instead of ``<out>/<method>/seed<s>``, the folders the course notebooks'
+    ``comparison_run`` uses (``<course out>/_shared_runs``): a study after a course run reuses the
+    runs the notebooks trained with the same settings, and the notebooks reuse the study's.
     """
+    from itmkit.runs import shared_run_dir
     from itmkit.train.trainer import resolve_data_dir, train
 
     train_fn = train_fn or train
@@ -161,7 +173,10 @@ def run_study(
     for method, seed, data_seed in bar:
         bar.set_postfix_str(f"{method} {run_dir_name(seed, data_seed)}")
         cfg = study_run_config(plan, method, seed, data_seed)
-        run_dir = out / method / run_dir_name(seed, data_seed)
+        if shared_runs is not None:
+            run_dir = shared_run_dir(shared_runs, method, cfg)
+        else:
+            run_dir = out / method / run_dir_name(seed, data_seed)
         result = train_fn(cfg, run_dir, resume=True, progress=False, device=device)
         data_dir = resolve_data_dir(cfg)
         sims = _test_similarity(run_dir, data_dir, progress=False, device=device)
@@ -170,6 +185,9 @@ def run_study(
         row.update({k: metrics[k] for k in METRIC_NAMES})
         row["train_seconds"] = float(getattr(result, "seconds", float("nan")))
         row["run_dir"] = str(run_dir)
+        # a collapsed run (every score alike) must show, not just drag the mean down
+        row["score_spread"] = score_spread(sims, source=f"{run_dir}/study/sims.npy").relative
+        row["collapsed"] = bool(row["score_spread"] <= COLLAPSE_RTOL)
         if data_dir not in pairs_cache:
             pairs_cache[data_dir] = swap_pairs(data_dir, "test") if (data_dir / "scenes.json").is_file() else None
         pairs = pairs_cache[data_dir]
@@ -288,7 +306,8 @@ def method_ranks(runs: pd.DataFrame, metric: str = "rsum") -> pd.DataFrame:
     """Each method's rank (1 = best) within every seed (and data seed), from ``study.runs``.
 
     Columns: ``seed``, ``data_seed``, ``method``, ``value``, ``rank``, and ``flipped``: whether the
-    seed's order of the methods differs from the order of their means over seeds.
+    seed puts some method strictly below one whose mean over seeds is lower (equal values in a
+    seed are a tie, not a flip).
     """
     keys = [k for k in ("seed", "data_seed") if k in runs]
     means = runs.groupby("method")[metric].mean()
@@ -297,9 +316,9 @@ def method_ranks(runs: pd.DataFrame, metric: str = "rsum") -> pd.DataFrame:
     for _, part in runs.groupby(keys, dropna=False, sort=True):
         part = part[keys + ["method", metric]].rename(columns={metric: "value"}).copy()
         part["rank"] = part["value"].rank(ascending=False, method="min").astype(int)
-        order = list(part.sort_values("value", ascending=False, kind="stable")["method"])
-        expected = sorted(order, key=lambda m: overall[m])
-        part["flipped"] = order != expected
+        value = dict(zip(part["method"], part["value"]))
+        # a flip is a pair this seed orders strictly against the means' order; a tie is no flip
+        part["flipped"] = any(overall[a] < overall[b] and value[a] < value[b] for a in value for b in value)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 

@@ -51,6 +51,48 @@ def test_summary_and_ranks_on_a_constructed_table():
     assert flip_rate(runs) == pytest.approx(1 / 3)
 
 
+def test_ties_are_not_flips():
+    runs = pd.DataFrame({"method": ["a", "b", "c", "b", "a", "c"], "seed": [0, 0, 0, 1, 1, 1], "data_seed": 0,
+                         "rsum": [500.0, 490.0, 480.0, 495.0, 495.0, 470.0]})  # fmt: skip
+    ranks = method_ranks(runs)
+    # seed 1 ties a and b (the means order a > b): a tie, not a flip, whatever order it is listed in
+    assert ranks.groupby("seed")["flipped"].first().tolist() == [False, False]
+    assert ranks[(ranks.seed == 1) & ranks.method.isin(["a", "b"])]["rank"].tolist() == [1, 1]
+    swapped = runs.copy()
+    swapped.loc[3, "rsum"] = 496.0  # b strictly above a in seed 1: a flip
+    assert method_ranks(swapped).groupby("seed")["flipped"].first().tolist() == [False, True]
+
+
+def test_study_reuses_the_course_notebooks_shared_runs(tmp_path, monkeypatch):
+    from itmkit.course import comparison_run, shared_runs_dir
+    import itmkit.study as study_module
+
+    course = tmp_path / "course"
+    notebook_run = comparison_run("vse_infty", "smoke", course / "03_vse_infty", seed=1)
+    stamp = (notebook_run.out_dir / "model_best.pt").stat().st_mtime_ns
+    trained = []
+
+    def counting(cfg, run_dir, **kwargs):
+        trained.append((run_dir, (run_dir / "result.json").is_file()))
+        return train(cfg, run_dir, **kwargs)
+
+    plan = StudyPlan(methods=["vse_infty"], seeds=[1, 2], preset="smoke")
+    study = run_study(plan, tmp_path / "study", progress=False, train_fn=counting, shared_runs=shared_runs_dir(course / "03_vse_infty"))
+    assert trained[0] == (notebook_run.out_dir, True)  # the notebook's finished run, found by its settings
+    assert (notebook_run.out_dir / "model_best.pt").stat().st_mtime_ns == stamp  # and not retrained
+    assert trained[1][0].parent == notebook_run.out_dir.parent and trained[1][0].name.startswith("vse_infty-smoke-seed2-")
+    assert not (tmp_path / "study" / "vse_infty").exists()
+    assert study.runs["collapsed"].tolist() == [False, False] and (study.runs["score_spread"] > 1e-3).all()
+    np.testing.assert_array_equal(np.asarray(study.similarity("vse_infty", 2)),
+                                  np.load(trained[1][0] / "study" / "sims.npy"))
+
+    # a collapsed run is marked in its row, not silently averaged
+    constant = np.full((16, 80), 0.5, dtype=np.float32)
+    monkeypatch.setattr(study_module, "_test_similarity", lambda *args, **kwargs: constant)
+    flat = run_study(plan, tmp_path / "study2", progress=False, shared_runs=shared_runs_dir(course / "03_vse_infty"))
+    assert flat.runs["collapsed"].tolist() == [True, True] and (flat.runs["rsum"] == 0).all()
+
+
 def test_study_tables_and_resume_after_a_kill(tmp_path):
     out = tmp_path / "study"
     calls = []
