@@ -8,6 +8,8 @@
   image (one set of functions for SCAN, CHAN, SGRAF, ESL, ...);
 - :mod:`~itmkit.figures.graphs`: similarity graphs of one pair: similarity vectors, graph edges,
   attention filtration;
+- :mod:`~itmkit.figures.noise`: studies over seeds: spread per method, paired differences, rank
+  flips, hard-negative scores per swap kind;
 - :mod:`~itmkit.figures.prototypes`: clustering prototypes (who shares one, soft assignments) and
   fusion gates of an embedding model (AAHR).
 
@@ -18,6 +20,6 @@ data (a table, a :class:`~itmkit.evaluate.retrieval.TopK`, an
 ``tests/test_figures_<module>.py``.
 """
 
-from itmkit.figures import alignment, curves, graphs, images, prototypes
+from itmkit.figures import alignment, curves, graphs, images, noise, prototypes
 
-__all__ = ["alignment", "curves", "graphs", "images", "prototypes"]
+__all__ = ["alignment", "curves", "graphs", "images", "noise", "prototypes"]
