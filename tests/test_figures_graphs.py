@@ -71,3 +71,56 @@ def test_filtration_figure_bars_are_the_weights_and_kept_words_are_drawn(explain
     plt.close(fig)
     with pytest.raises(ValueError, match="expected a 'filtration_weights' part"):
         graphs.filtration_figure(picture, boxes, words, found["SGR"])
+
+
+# ------------------------------------------------------------------ a batch's instance graph (HREM, notebook 10)
+@pytest.fixture(scope="module")
+def hrem_tables():
+    from itmkit.data.embedded import embedded_dataset
+    from itmkit.data.loaders import training_batch
+    from itmkit.data.precomp import PrecompSplit
+    from itmkit.data.text import WordIdPipeline
+    from itmkit.data.vocab import Vocabulary
+    from itmkit.methods.hrem import batch_graph
+    from itmkit.methods.registry import get_method
+
+    root = embedded_dataset("tiny")
+    split = PrecompSplit.open(root, "train")
+    pipeline = WordIdPipeline(Vocabulary.build(split.captions, threshold=1))
+    torch.manual_seed(0)
+    cfg = get_method("hrem").preset("smoke")
+    model = get_method("hrem").build(cfg, pipeline.vocab_size)
+    batch = training_batch(split, pipeline, batch_size=8, seed=3, epoch=1, index=2)
+    return batch, batch_graph(model, batch), split
+
+
+def test_training_batch_is_the_trainers_batch(hrem_tables):
+    from itmkit.data.loaders import epoch_order
+
+    batch, _, split = hrem_tables
+    expected = epoch_order(split.n_captions, 3, 1)[16:24]  # batch 2 of 8 pairs
+    assert batch.caption_index.tolist() == expected.tolist()
+    assert batch.image_index.tolist() == (expected // 5).tolist()
+
+
+def test_batch_graph_figures_draw_the_kept_edges(hrem_tables):
+    import matplotlib.pyplot as plt
+
+    from itmkit.figures.graphs import BLOCK_COLOURS, batch_graph_figure, batch_graph_matrix_figure
+
+    _, tables, _ = hrem_tables
+    fig = batch_graph_matrix_figure(tables.connect, tables.relevance, n_images=8)
+    left, right = (ax.images[0].get_array() for ax in fig.axes[:2])
+    np.testing.assert_array_equal(np.asarray(left), tables.connect)
+    kept = np.ma.getdata(right)[tables.connect]
+    np.testing.assert_allclose(kept, tables.relevance[tables.connect])
+    assert np.isnan(np.ma.getdata(right)[~tables.connect]).all()
+    plt.close(fig)
+    fig = batch_graph_figure(tables.nodes, tables.edges, max_edges=10)
+    lines = [line for line in fig.axes[0].lines]
+    assert len(lines) == min(10, len(tables.edges))
+    top = tables.edges.sort_values("relevance", ascending=False).head(10)
+    assert [line.get_color() for line in lines] == [BLOCK_COLOURS[b] for b in top["block"]]
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"expected \[2B, 2B\] = \[12, 12\]"):
+        batch_graph_matrix_figure(tables.connect, tables.relevance, n_images=6)

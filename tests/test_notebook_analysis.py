@@ -197,3 +197,14 @@ def test_level_score_gap_by_a_loop_over_pairs():
     np.testing.assert_allclose(table["gap"], table["matching"] - table["non-matching"])
     own = np.array([[c // 5 == i for c in range(15)] for i in range(3)])
     assert table["matching"].sum() == pytest.approx(scores[own].mean(), abs=1e-5)  # the levels add up to the score
+
+
+def test_cross_modal_agreement_by_hand():
+    from itmkit.evaluate.embedding_space import cross_modal_agreement
+
+    images = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    captions = np.array([[0.9, 0.1], [0.2, 1.0], [1.0, 0.05]])  # the third caption sits nearest image 0
+    # cosines by hand: image 0 is nearest caption 2 (.9988 > .9939): miss; image 1 -> caption 1: hit;
+    # image 2 -> caption 1 (.832 > .781 > .742): miss; caption 0 -> image 0: hit; caption 1 -> image 1: hit;
+    # caption 2 -> image 0 (.9988 > .742): miss. 3 of 6
+    assert cross_modal_agreement(images, captions, [0, 1, 2]) == pytest.approx(100 * 3 / 6)

@@ -214,6 +214,19 @@ def train_batches(
     yield from loader
 
 
+def training_batch(split: PrecompSplit, pipeline: TextPipeline, batch_size: int, seed: int, epoch: int = 0,
+                   index: int = 0, augment: bool = False) -> Batch:  # fmt: skip
+    """Batch ``index`` of ``epoch`` exactly as :func:`train_batches` orders it for ``seed``: the
+    same pairs a training run with that seed and batch size sees at that step (for notebooks that
+    show one training batch). ``augment=False`` leaves out region drop and caption augmentation
+    (the pairs stay the same, their features unaltered)."""
+    n_batches = steps_per_epoch(split.n_captions, batch_size)
+    if not 0 <= index < n_batches:
+        raise IndexError(f"training_batch: index {index}: expected one of the {n_batches} batches of an epoch")
+    dataset = PairDataset(split, pipeline, train=augment, seed=seed)
+    return next(train_batches(dataset, batch_size, seed, epoch, start_step=index))
+
+
 def image_batches(split: PrecompSplit, batch_size: int, progress: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Unique images in order, no augmentation: ``(images [b, K, D] float32, lengths [b] long)``.
 

@@ -66,3 +66,33 @@ def neighbour_agreement(vectors, labels: Mapping[str, Sequence], groups=None) ->
             raise ValueError(f"neighbour_agreement: label {name!r}: expected {len(nearest)} values, found {len(v)}")
         result[name] = float(100 * np.mean(v[nearest] == v))
     return result
+
+
+def batch_embeddings(model, batch) -> tuple[np.ndarray, np.ndarray]:
+    """Test-time embeddings ``([B, d], [B, d])`` of a training batch's images and captions
+    (eval mode, no gradient; the model's mode is restored), for embedding methods (VSE∞, HREM,
+    AAHR) whose ``encode_*`` give one vector per item."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        batch = batch.to(device)
+        with torch.no_grad():
+            images = model.encode_images(batch.images, batch.img_lengths).feats
+            captions = model.encode_captions(batch.tokens, batch.cap_lengths).feats
+    finally:
+        model.train(was_training)
+    if images.dim() != 2:
+        raise ValueError(f"batch_embeddings: expected one vector per item [B, d], found {tuple(images.shape)} (a pairwise method?)")
+    return images.float().cpu().numpy(), captions.float().cpu().numpy()
+
+
+def cross_modal_agreement(images, captions, image_index) -> float:
+    """% of items whose nearest item of the *other* modality (cosine) belongs to the same image:
+    ``images [B, d]``, ``captions [B, d]`` of one batch, ``image_index [B]`` the image of each pair."""
+    vectors = np.concatenate([np.asarray(images), np.asarray(captions)])
+    owner = np.concatenate([np.asarray(image_index), np.asarray(image_index)])
+    modality = np.repeat([0, 1], len(images))
+    return neighbour_agreement(vectors, {"image": owner}, groups=modality)["image"]

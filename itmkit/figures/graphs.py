@@ -117,3 +117,73 @@ def similarity_vectors_figure(explanation: Explanation, words: Sequence[str], ti
     fig.suptitle(title or "Similarity representations of one image-caption pair", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+BLOCK_COLOURS = {"i2i": "#1f77b4", "t2t": "#ff7f0e", "i2t": "#2ca02c", "t2i": "#9467bd"}
+
+
+def batch_graph_matrix_figure(connect, relevance, n_images: int, title: str | None = None):
+    """A batch's instance graph as two ``[2B, 2B]`` matrices (hrem.md §3.4): which edges the
+    connectivity rule keeps (left) and the relevance of the kept ones (right; dropped ones blank).
+    Rows and columns ``0..B-1`` are the images, ``B..2B-1`` the captions; lines mark the blocks."""
+    import matplotlib.pyplot as plt
+
+    connect = np.asarray(connect, dtype=bool)
+    relevance = np.asarray(relevance, dtype=np.float64)
+    n = connect.shape[0]
+    if connect.shape != (n, n) or relevance.shape != (n, n) or n != 2 * n_images:
+        raise ValueError(f"batch_graph_matrix_figure: expected [2B, 2B] = [{2 * n_images}, {2 * n_images}] matrices, "
+                         f"found {connect.shape} and {relevance.shape}")  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.6))
+    axes[0].imshow(connect, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title(f"kept edges ({int(connect.sum())} of {n * n})")
+    shown = np.where(connect, relevance, np.nan)
+    image = axes[1].imshow(shown, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=axes[1], fraction=0.046, pad=0.04, label="relevance")
+    axes[1].set_title("relevance of the kept edges")
+    for ax in axes:
+        ax.axhline(n_images - 0.5, color="red", linewidth=1)
+        ax.axvline(n_images - 0.5, color="red", linewidth=1)
+        ax.set(xlabel="target node (images | captions)", ylabel="source node (images | captions)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def batch_graph_figure(nodes, edges, max_edges: int = 400, title: str | None = None):
+    """A batch's instance graph drawn as nodes and edges: images on the left, captions on the right
+    (each at its batch position), every kept edge a line coloured by block (``i2i``, ``t2t``,
+    ``i2t``, ``t2i``) with its opacity from the relevance; edges between a pair's own image and
+    caption are drawn solid. ``nodes`` / ``edges``: :class:`~itmkit.methods.hrem.BatchGraphTables`
+    tables. At most ``max_edges`` edges are drawn (the most relevant)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    required = {"source", "target", "block", "relevance", "same_image"}
+    if not required <= set(edges.columns):
+        raise ValueError(f"batch_graph_figure edges: expected columns {sorted(required)}, found {sorted(edges.columns)}")
+    x = np.where(nodes["modality"].to_numpy() == "image", 0.0, 1.0)
+    y = -nodes["position"].to_numpy(dtype=np.float64)
+    shown = edges.sort_values("relevance", ascending=False).head(max_edges)
+    rel = shown["relevance"].to_numpy(dtype=np.float64)
+    span = rel.max() - rel.min() if len(rel) else 0.0
+    alpha = 0.15 + 0.75 * ((rel - rel.min()) / span if span > 0 else np.ones_like(rel))
+    fig, ax = plt.subplots(figsize=(6.5, max(4.0, 0.22 * len(nodes) / 2)))
+    for (_, edge), a in zip(shown.iterrows(), alpha):
+        s, t = int(edge["source"]), int(edge["target"])
+        bend = 0.25 if x[s] == x[t] else 0.0  # same-side edges bow outwards so they stay visible
+        xs = [x[s], x[s] + (bend if x[s] else -bend), x[t]] if bend else [x[s], x[t]]
+        ys = [y[s], (y[s] + y[t]) / 2, y[t]] if bend else [y[s], y[t]]
+        ax.plot(xs, ys, color=BLOCK_COLOURS[edge["block"]], alpha=float(a), linewidth=2.0 if edge["same_image"] else 0.7,
+                linestyle="-" if edge["same_image"] else ":")  # fmt: skip
+    ax.scatter(x, y, c=np.where(x == 0, "#333333", "#d62728"), s=28, zorder=3)
+    ax.set_xticks([0, 1], labels=["images", "captions"])
+    ax.set_yticks([])
+    ax.set_xlim(-0.6, 1.6)
+    handles = [Line2D([0], [0], color=c, label=k) for k, c in BLOCK_COLOURS.items()]
+    handles.append(Line2D([0], [0], color="black", linewidth=2, label="same image (solid)"))
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3)
+    ax.set_title(title or f"{len(shown)} of {len(edges)} kept edges")
+    fig.tight_layout()
+    return fig
