@@ -1,6 +1,8 @@
 """Similarity-graph figures (itmkit.figures.graphs) drawn from real SGR / SAF explanations; they
 draw the explanation's numbers and refuse the wrong explanation or word count."""
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -124,3 +126,64 @@ def test_batch_graph_figures_draw_the_kept_edges(hrem_tables):
     plt.close(fig)
     with pytest.raises(ValueError, match=r"expected \[2B, 2B\] = \[12, 12\]"):
         batch_graph_matrix_figure(tables.connect, tables.relevance, n_images=6)
+
+
+# ------------------------------------------------------------------ LHSC layers and CEFG's regulator / neighbourhood
+def _explanation(parts, n_regions=3, n_words=2):
+    from itmkit.models.base import Explanation
+
+    return Explanation("toy", 0.5, n_regions, n_words, parts)
+
+
+def test_listening_weights_cut_negatives_and_normalise_per_layer():
+    from itmkit.figures.graphs import layer_parts, listening_weights
+
+    g1 = np.array([[0.5, -1.0, 1.5], [0.0, 0.0, 0.0], [2.0, 2.0, 0.0]])
+    g2 = -np.ones((3, 3))
+    explanation = _explanation({"region_graph/layer2": g2, "region_graph/layer10": g1, "region_graph/layer1": g1})
+    assert list(layer_parts(explanation, "region_graph")) == ["layer 1", "layer 2", "layer 10"]  # numeric order
+    rows = listening_weights(explanation, 0)
+    np.testing.assert_allclose(rows["layer 1"], [0.25, 0.0, 0.75])  # (0.5, 0, 1.5) / 2
+    np.testing.assert_allclose(rows["layer 2"], [1 / 3] * 3)  # nothing positive: uniform
+    with pytest.raises(IndexError, match=r"region 3: expected an index in \[0, 3\)"):
+        listening_weights(explanation, 3)
+    with pytest.raises(ValueError, match="expected parts word_attention/layer1"):
+        layer_parts(explanation, "word_attention")
+
+
+def test_word_attention_and_regulator_figures_show_the_parts():
+    from itmkit.figures.alignment import regulator_figure
+    from itmkit.figures.graphs import word_attention_figure
+
+    a1, a2 = np.array([[0.9, 0.1], [0.3, 0.7]]), np.array([[0.5, 0.5], [0.2, 0.8]])
+    fig = word_attention_figure(_explanation({"word_attention/layer1": a1, "word_attention/layer2": a2}), ["a", "b"])
+    meshes = [ax.collections[0].get_array().reshape(2, 2) for ax in fig.axes]
+    np.testing.assert_allclose(meshes[0], a1)
+    np.testing.assert_allclose(meshes[1], a2)
+    plt.close(fig)
+    temperature = np.array([[9.0, 9.0], [7.0, 12.0], [6.0, 14.0], [5.0, 15.0]])  # λ0..λ3 for 2 words
+    modulation = np.zeros((3, 2, 4))
+    modulation[1, 0] = [3.0, 4.0, 0.0, 0.0]  # step 2, word 0: |M| = 5
+    fig = regulator_figure(_explanation({"regulator_temperature": temperature, "regulator_modulation": modulation}), ["a", "b"])
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_array().reshape(4, 2), temperature)
+    norms = fig.axes[1].collections[0].get_array().reshape(3, 2)  # the two heatmaps first, then their colour bars
+    assert norms[1, 0] == pytest.approx(5.0) and norms.sum() == pytest.approx(5.0)
+    plt.close(fig)
+
+
+def test_spatial_neighbourhood_figure_marks_the_gathered_regions():
+    from matplotlib.patches import Rectangle
+
+    from itmkit.figures.images import spatial_neighbourhood_figure
+
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    boxes = np.array([[10, 10, 20, 20], [0, 10, 8, 20], [25, 25, 35, 35]], dtype=np.float32)
+    adjacency = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    fig = spatial_neighbourhood_figure(image, boxes, adjacency, region=0, sector_bounds=[math.pi])
+    patches = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
+    colours = [p.get_edgecolor()[:3] for p in patches]
+    assert colours[0] == (1.0, 1.0, 1.0) and colours[1] == (1.0, 0.0, 0.0) and colours[2] != (1.0, 0.0, 0.0)
+    lines = fig.axes[0].lines
+    np.testing.assert_allclose(lines[0].get_xydata(), [[15, 15], [4, 15]])  # centre to the gathered region's centre
+    np.testing.assert_allclose(lines[1].get_xydata()[1], [15 - 40, 15], atol=1e-9)  # the ray at π points left
+    plt.close(fig)

@@ -216,3 +216,27 @@ def lse_pooling_figure(explanation: Explanation, words: Sequence[str], beltas: S
     fig.tight_layout()
     return fig
 
+
+
+def regulator_figure(explanation: Explanation, words: Sequence[str], title: str | None = None):
+    """CEFG's correspondence regulator (cefg.md §3.5) across its steps, per word: the softmax
+    temperature ``λ_0 .. λ_steps`` (``regulator_temperature [steps + 1, n]``) and the size of the
+    query modulation of each round (‖M‖, from ``regulator_modulation [steps, n, d]``)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    _check_words(words, explanation, "regulator_figure words")
+    temperature = np.asarray(explanation["regulator_temperature"], dtype=np.float64)
+    modulation = np.linalg.norm(np.asarray(explanation["regulator_modulation"], dtype=np.float64), axis=-1)
+    fig, axes = plt.subplots(1, 2, figsize=(min(14, 0.7 * len(words) + 6), 3.4))
+    sns.heatmap(temperature, ax=axes[0], cmap="viridis", xticklabels=list(words),
+                yticklabels=[f"λ{i}" for i in range(len(temperature))], cbar_kws={"label": "temperature"})  # fmt: skip
+    axes[0].set_title("per-word softmax temperature by step")
+    sns.heatmap(modulation, ax=axes[1], cmap="rocket", xticklabels=list(words),
+                yticklabels=[f"step {i + 1}" for i in range(len(modulation))], cbar_kws={"label": "‖M‖"})  # fmt: skip
+    axes[1].set_title("size of the query modulation by step")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7, rotation=60)
+    fig.suptitle(title or f"{explanation.method}: correspondence regulator")
+    fig.tight_layout()
+    return fig

@@ -187,3 +187,47 @@ def batch_graph_figure(nodes, edges, max_edges: int = 400, title: str | None = N
     ax.set_title(title or f"{len(shown)} of {len(edges)} kept edges")
     fig.tight_layout()
     return fig
+
+
+def layer_parts(explanation: Explanation, prefix: str) -> dict[str, np.ndarray]:
+    """The explanation's per-layer parts ``<prefix>/layer1, layer2, ...`` in layer order (LHSC's
+    ``region_graph`` and ``word_attention``), keyed ``"layer k"``."""
+    keys = [k for k in explanation.parts if k.startswith(prefix + "/layer")]
+    if not keys:
+        raise ValueError(f"{explanation.method} explanation: expected parts {prefix}/layer1.., found {sorted(explanation.parts)}")
+    keys.sort(key=lambda k: int(k.rsplit("layer", 1)[1]))
+    return {f"layer {k.rsplit('layer', 1)[1]}": np.asarray(explanation[k], dtype=np.float64) for k in keys}
+
+
+def listening_weights(explanation: Explanation, region: int) -> dict[str, np.ndarray]:
+    """Which regions region ``region`` listens to in each of LHSC's region-graph layers: its row of
+    each layer's affinity ``[r, r]`` with negative entries cut to 0 and the rest scaled to sum 1 (the
+    learned affinity is un-normalised and may be negative, lhsc.md §3.1), for drawing on the boxes."""
+    rows = {}
+    for name, graph in layer_parts(explanation, "region_graph").items():
+        if not 0 <= region < graph.shape[0]:
+            raise IndexError(f"listening_weights: region {region}: expected an index in [0, {graph.shape[0]})")
+        row = np.clip(graph[region], 0.0, None)
+        rows[name] = row / row.sum() if row.sum() > 0 else np.full_like(row, 1.0 / len(row))
+    return rows
+
+
+def word_attention_figure(explanation: Explanation, words: Sequence[str], title: str | None = None):
+    """LHSC's word self-attention, one heatmap per layer (row = the word being updated, column =
+    the word it reads), ``word_attention/layer{k} [n, n]``."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    layers = layer_parts(explanation, "word_attention")
+    n = len(words)
+    for name, values in layers.items():
+        if values.shape != (n, n):
+            raise ValueError(f"word_attention_figure {name}: expected [{n}, {n}] for {n} words, found {values.shape}")
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.6), squeeze=False)
+    for ax, (name, values) in zip(axes[0], layers.items()):
+        sns.heatmap(values, ax=ax, cmap="magma", xticklabels=list(words), yticklabels=list(words), cbar=False, square=True)
+        ax.set_title(name)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title or f"{explanation.method}: word self-attention (row attends to column)")
+    fig.tight_layout()
+    return fig

@@ -187,3 +187,40 @@ def image_to_text_figure(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def spatial_neighbourhood_figure(image, boxes, adjacency, region: int, sector_bounds: Sequence[float] | None = None,
+                                 title: str | None = None):  # fmt: skip
+    """CEFG's spatial neighbourhood of one region (cefg.md §3.4): the region's box in white, the
+    regions it gathers from (``adjacency [R, R]`` row ``region``, self excluded) in red with a line
+    from its centre, every other box faint; ``sector_bounds`` (angles in radians with ``y`` up, as
+    :mod:`itmkit.data.spatial_adjacency` measures them) are drawn as rays from the region's
+    centre so the direction sectors show."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    image, boxes = check_image_and_boxes(image, boxes)
+    adjacency = np.asarray(adjacency)
+    if adjacency.shape != (len(boxes), len(boxes)):
+        raise ValueError(f"spatial_neighbourhood_figure: expected adjacency [{len(boxes)}, {len(boxes)}], found {adjacency.shape}")
+    if not 0 <= region < len(boxes):
+        raise IndexError(f"spatial_neighbourhood_figure: region {region}: expected an index in [0, {len(boxes)})")
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    gathered = [j for j in np.flatnonzero(adjacency[region]) if j != region]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    show_image(ax, image, title or f"region {region} gathers from {len(gathered)} regions")
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        edge, width, alpha = ("white", 2.5, 1.0) if k == region else ("red", 1.8, 1.0) if k in gathered else ("grey", 0.6, 0.5)
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=edge, linewidth=width, alpha=alpha))
+    cx, cy = centres[region]
+    for j in gathered:
+        ax.plot([cx, centres[j, 0]], [cy, centres[j, 1]], color="red", linewidth=1.2)
+    if sector_bounds is not None:
+        reach = float(max(image.shape[:2]))
+        for angle in sector_bounds:
+            ax.plot([cx, cx + reach * np.cos(angle)], [cy, cy - reach * np.sin(angle)], color="yellow",
+                    linewidth=0.8, linestyle="--")  # fmt: skip
+        ax.set_xlim(0, image.shape[1])
+        ax.set_ylim(image.shape[0], 0)
+    fig.tight_layout()
+    return fig
