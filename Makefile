@@ -8,7 +8,7 @@ OUT ?= runs/course
 NOTEBOOKS ?=
 PY := $(VENV)/bin/python
 
-.PHONY: course test venv clean-venv smoke benchmark lab assignments
+.PHONY: course test venv clean-venv smoke benchmark benchmark-train lab assignments
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: venv
 
 benchmark: venv
 	$(PY) benchmarks/pairwise_engine.py
+
+# Training throughput per method (pairs/s against the data-loading limit; JSON in runs/benchmarks/)
+benchmark-train: venv
+	$(PY) benchmarks/train_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)
