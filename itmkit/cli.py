@@ -148,15 +148,25 @@ def cmd_eval(args) -> int:
     from itmkit.runs import load_run, resolve_checkpoint
     from itmkit.train.trainer import resolve_data_dir
 
+    from itmkit.evaluate.sharded import evaluate_sharded, process_group_from_env, rank_and_world
+
     ckpt = resolve_checkpoint(args.checkpoint)
-    model, cfg, pipeline = load_run(ckpt, device=args.device)
-    data_dir = Path(args.data) if args.data is not None else resolve_data_dir(cfg)
-    out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
-    result = evaluate_model(model, data_dir, args.split, pipeline, protocol=args.protocol, out_dir=out,
-                            batch_size=args.batch_size, max_captions=args.max_captions,
-                            progress=not args.quiet, score_dtype="float64" if args.float64 else "float32")  # fmt: skip
-    _print_table(result.summary)
-    print(f"saved metrics.csv, metrics.json and sims.npy in {out}")
+    with process_group_from_env(args.device) as group:
+        model, cfg, pipeline = load_run(ckpt, device=group.device)
+        data_dir = Path(args.data) if args.data is not None else resolve_data_dir(cfg)
+        out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
+        if group.world > 1:  # under torchrun: every rank scores its rows of one shared sims.npy
+            if args.float64 or args.max_captions:
+                raise ValueError("--float64 and --max-captions are one-process options; run without torchrun")
+            result = evaluate_sharded(model, data_dir, args.split, pipeline, out, protocol=args.protocol,
+                                      batch_size=args.batch_size, device=group.device, progress=not args.quiet)  # fmt: skip
+        else:
+            result = evaluate_model(model, data_dir, args.split, pipeline, protocol=args.protocol, out_dir=out,
+                                    batch_size=args.batch_size, max_captions=args.max_captions,
+                                    progress=not args.quiet, score_dtype="float64" if args.float64 else "float32")  # fmt: skip
+        if rank_and_world()[0] == 0:
+            _print_table(result.summary)
+            print(f"saved metrics.csv, metrics.json and sims.npy in {out}" + (f" ({group.world} processes)" if group.world > 1 else ""))
     return 0
 
 
