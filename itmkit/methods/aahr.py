@@ -52,7 +52,8 @@ from itmkit.data.global_features import GlobalSource, global_features_for
 from itmkit.data.precomp import PrecompSplit, RegionColumns
 from itmkit.encoded import Encoded
 from itmkit.losses import TRIPLET_CUTOFF, draw_negatives
-from itmkit.methods.hrem import CheckpointFormatError, Fragments, HREMConfig, InstanceRelations, _xavier_linears, matching_loss
+from itmkit.methods.hrem import (CheckpointFormatError, Fragments, HREMConfig, InstanceRelations, _xavier_linears, matching_loss,
+                                 separate_param_group)
 from itmkit.methods.registry import MethodSpec
 from itmkit.models.aahr_modules import (
     GatedFusion,
@@ -492,12 +493,8 @@ class AAHR(MatchingModel):
         criterion = [m for m in (self.relations, self.prototypes) if m is not None]
         if not criterion or self.config.graph_lr_factor == 1.0:
             return groups
-        ids = {id(p) for m in criterion for p in m.parameters()}
-        for group in groups:
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
-        params = [p for m in criterion for p in m.parameters() if p.requires_grad]
-        groups.append({"params": params, "lr": lr * self.config.graph_lr_factor, "name": "criterion"})
-        return groups
+        params = [p for m in criterion for p in m.parameters()]
+        return separate_param_group(groups, params, lr * self.config.graph_lr_factor, "criterion")
 
 
 def build(run_cfg: RunConfig, vocab_size: int | None) -> AAHR:

@@ -416,12 +416,17 @@ class HREM(MatchingModel):
         groups = super().param_groups(lr, backbone_lr_scale)
         if self.relations is None or self.config.graph_lr_factor == 1.0:
             return groups
-        relation_ids = {id(p) for p in self.relations.parameters()}
-        for group in groups:
-            group["params"] = [p for p in group["params"] if id(p) not in relation_ids]
-        relation_params = [p for p in self.relations.parameters() if p.requires_grad]
-        groups.append({"params": relation_params, "lr": lr * self.config.graph_lr_factor, "name": "relations"})
-        return groups
+        return separate_param_group(groups, list(self.relations.parameters()), lr * self.config.graph_lr_factor, "relations")
+
+
+def separate_param_group(groups: list[dict[str, Any]], params: list[nn.Parameter], lr: float, name: str) -> list[dict[str, Any]]:
+    """Move ``params`` out of the optimiser ``groups`` into one group of their own at ``lr``
+    (HREM's instance-level modules, AAHR's whole criterion: §5.3's separate learning rate)."""
+    ids = {id(p) for p in params}
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    groups.append({"params": [p for p in params if p.requires_grad], "lr": lr, "name": name})
+    return groups
 
 
 def build(run_cfg: RunConfig, vocab_size: int | None) -> HREM:
