@@ -74,11 +74,17 @@ def test_itmkit_eval_under_torchrun_matches_one_process(tmp_path):
     train(replace_nested(get_method("scan").preset("smoke"), {"train.epochs": 1}), run, progress=False)
     env = dict(os.environ, OMP_NUM_THREADS="1", ITMKIT_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "itmkit", "eval", str(run), "--out", str(tmp_path / "one"), "--quiet"],
-                         capture_output=True, text=True, env=env)  # fmt: skip
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-                          "-m", "itmkit", "eval", str(run), "--out", str(tmp_path / "two"), "--quiet", "--device", "cpu"],
-                         capture_output=True, text=True, env=env)  # fmt: skip
+    import socket
+
+    with socket.socket() as probe:  # a free port: with --master_port 0 the workers may be told port 0 itself
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(port), "-m", "itmkit", "eval", str(run), "--out", str(tmp_path / "two"),
+                          "--quiet", "--device", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=600)  # a hang fails the test, never blocks the suite  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert "(2 processes)" in two.stdout
     np.testing.assert_allclose(np.load(tmp_path / "two" / "sims.npy"), np.load(tmp_path / "one" / "sims.npy"), rtol=1e-5, atol=1e-6)
