@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from itmkit.config import replace_nested
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE
 from itmkit.evaluate.atomic_write import write_csv
-from itmkit.evaluate.collapse import COLLAPSE_RTOL, score_spread
+from itmkit.evaluate.collapse import score_spread
 from itmkit.evaluate.hard_negatives import swap_pairs, swap_table
 from itmkit.evaluate.metrics import METRIC_NAMES, recall_metrics
 from itmkit.evaluate.paired import PairedResult, paired_query_test, paired_seed_test, results_table
@@ -186,8 +186,10 @@ def run_study(
         row["train_seconds"] = float(getattr(result, "seconds", float("nan")))
         row["run_dir"] = str(run_dir)
         # a collapsed run (every score alike) must show, not just drag the mean down
-        row["score_spread"] = score_spread(sims, source=f"{run_dir}/study/sims.npy").relative
-        row["collapsed"] = bool(row["score_spread"] <= COLLAPSE_RTOL)
+        spread = score_spread(sims, source=f"{run_dir}/study/sims.npy")
+        row["score_spread"] = spread.relative
+        row["collapsed"] = bool(spread.collapsed)  # every pair scored alike (<= COLLAPSE_RTOL)
+        row["nearly_collapsed"] = bool(spread.nearly_collapsed)  # squeezed (<= NEAR_COLLAPSE_RTOL): SGRAF seed 2's 1.7e-5
         if data_dir not in pairs_cache:
             pairs_cache[data_dir] = swap_pairs(data_dir, "test") if (data_dir / "scenes.json").is_file() else None
         pairs = pairs_cache[data_dir]
