@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from itmkit.config import replace_nested
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE
 from itmkit.evaluate.atomic_write import write_csv
-from itmkit.evaluate.collapse import score_spread
+from itmkit.evaluate.collapse import NEAR_COLLAPSE_RTOL, score_spread
 from itmkit.evaluate.hard_negatives import swap_pairs, swap_table
 from itmkit.evaluate.metrics import METRIC_NAMES, recall_metrics
 from itmkit.evaluate.paired import PairedResult, paired_query_test, paired_seed_test, results_table
@@ -145,6 +145,16 @@ class StudyResult:
         return load_similarity(Path(rows["run_dir"].iloc[0]) / "study" / "sims.npy")
 
 
+def _squeezed_epochs(run_dir: Path) -> int:
+    """Epochs of the run's ``log.csv`` whose dev scores were (nearly) collapsed: relative spread at
+    most :data:`~itmkit.evaluate.collapse.NEAR_COLLAPSE_RTOL` (0 without a log)."""
+    log = Path(run_dir) / "log.csv"
+    if not log.is_file():
+        return 0
+    spread = pd.read_csv(log).get("score_spread")
+    return 0 if spread is None else int((spread <= NEAR_COLLAPSE_RTOL).sum())
+
+
 def run_study(
     plan: StudyPlan,
     out: str | Path,
@@ -189,7 +199,10 @@ def run_study(
         spread = score_spread(sims, source=f"{run_dir}/study/sims.npy")
         row["score_spread"] = spread.relative
         row["collapsed"] = bool(spread.collapsed)  # every pair scored alike (<= COLLAPSE_RTOL)
-        row["nearly_collapsed"] = bool(spread.nearly_collapsed)  # squeezed (<= NEAR_COLLAPSE_RTOL): SGRAF seed 2's 1.7e-5
+        row["nearly_collapsed"] = bool(spread.nearly_collapsed)  # squeezed (<= NEAR_COLLAPSE_RTOL)
+        # a run can squeeze its dev scores late and keep an early best epoch (SGRAF's seed 2: relative
+        # spread 1.7e-5 from epoch 4 on, test rsum 275 from epoch 3's weights): count those epochs too
+        row["squeezed_dev_epochs"] = _squeezed_epochs(run_dir)
         if data_dir not in pairs_cache:
             pairs_cache[data_dir] = swap_pairs(data_dir, "test") if (data_dir / "scenes.json").is_file() else None
         pairs = pairs_cache[data_dir]

@@ -87,6 +87,13 @@ def test_study_reuses_the_course_notebooks_shared_runs(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(study.similarity("vse_infty", 2)),
                                   np.load(trained[1][0] / "study" / "sims.npy"))
 
+    assert study.runs["squeezed_dev_epochs"].tolist() == [0, 0]
+    log = pd.read_csv(notebook_run.out_dir / "log.csv")
+    log.loc[len(log) - 1, "score_spread"] = 1.7e-5  # as SGRAF's seed 2 squeezed its dev scores late
+    log.to_csv(notebook_run.out_dir / "log.csv", index=False)
+    again = run_study(plan, tmp_path / "study", progress=False, shared_runs=shared_runs_dir(course / "03_vse_infty"))
+    assert again.runs["squeezed_dev_epochs"].tolist() == [1, 0]
+
     # a collapsed run is marked in its row, not silently averaged
     constant = np.full((16, 80), 0.5, dtype=np.float32)
     monkeypatch.setattr(study_module, "_test_similarity", lambda *args, **kwargs: constant)
