@@ -108,7 +108,13 @@ def test_explorer_in_jupyterlab_with_headless_chromium(tmp_path):
             page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
             # the notebook trains (or reuses) two smoke runs, then builds the widget
             widget = page.locator(".itmkit-caption")
-            widget.wait_for(state="attached", timeout=240_000)
+            try:  # generous: on a loaded machine the kernel trains its two smoke runs slowly
+                widget.wait_for(state="attached", timeout=540_000)
+            except sync_api.TimeoutError:
+                page.screenshot(path=str(tmp_path / "failure.png"), full_page=False)
+                outputs = " | ".join(page.locator(".jp-OutputArea-output").all_inner_texts())[-1500:]
+                pytest.fail(f"the explorer widget did not appear; screenshot {tmp_path / 'failure.png'}; notebook outputs: "
+                            f"{outputs}; lab.log: {(folder / 'lab.log').read_text()[-1500:]}")
             widget.scroll_into_view_if_needed()
             caption = page.locator(".itmkit-caption input")
             caption.wait_for(timeout=60_000)
