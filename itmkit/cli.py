@@ -123,15 +123,24 @@ def build_run_config(args):
 def cmd_train(args) -> int:
     from itmkit.train.trainer import RunConfigMismatch, train
 
+    from itmkit.evaluate.sharded import process_group_from_env
+
     cfg = build_run_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{cfg.preset}"
-    print(f"training {cfg.method} ({cfg.preset}) into {out}", file=sys.stderr)
-    try:
-        result = train(cfg, out, resume=not args.no_resume, progress=not args.quiet, max_steps=args.max_steps)
-    except RunConfigMismatch as err:  # say it with this command's options, not train()'s arguments
-        raise ValueError(f"{err.path}: the run in this folder used another config; differing fields: "
-                         f"{'; '.join(err.differences)}. Use another --out DIR, or add --no-resume to "
-                         "start over in this folder (its run files are replaced)") from None
+    # under torchrun every rank trains its share of each batch (DDP); rank 0 writes and reports
+    with process_group_from_env(cfg.train.device) as group:
+        if group.rank == 0:
+            world = f" on {group.world} processes" if group.world > 1 else ""
+            print(f"training {cfg.method} ({cfg.preset}) into {out}{world}", file=sys.stderr)
+        try:
+            result = train(cfg, out, resume=not args.no_resume, progress=not args.quiet, max_steps=args.max_steps,
+                           device=group.device)  # fmt: skip
+        except RunConfigMismatch as err:  # say it with this command's options, not train()'s arguments
+            raise ValueError(f"{err.path}: the run in this folder used another config; differing fields: "
+                             f"{'; '.join(err.differences)}. Use another --out DIR, or add --no-resume to "
+                             "start over in this folder (its run files are replaced)") from None
+        if group.rank != 0:
+            return 0
     if not result.finished:
         print(f"stopped after --max-steps; resume with the same command. Checkpoint: {out / 'checkpoint.pt'}")
         return 0

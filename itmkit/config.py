@@ -93,11 +93,29 @@ class TrainConfig:
     max_violation: bool = False
     sum_warmup_epochs: NonNegativeInt = 1  # VSE∞: sum-mode hinge for this many epochs, then hardest negatives
     amp: bool = True  # only ever used on CUDA
+    # fp16 trains with a gradient scaler; bf16 (Ampere and later) needs none. Never on the CPU.
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    # micro-batches per optimisation step: the step's batch_size pairs are split into this many
+    # parts whose gradients add up (one GPU that cannot hold the paper's batch). Hardest negatives
+    # are then found within each part only (docs/gpu_training.md).
+    accumulate_steps: PositiveInt = 1
+    sync_batchnorm: bool = False  # DDP on CUDA: BatchNorm statistics over the global batch
+    # the pairwise engine's block precision when evaluating on CUDA (scores stay float32)
+    eval_compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: Seed = 0
     device: DeviceName = "auto"
     checkpoint_every_steps: NonNegativeInt = 0  # 0: only at epoch ends; >0 also mid-epoch (exact resume)
     eval_batch_size: PositiveInt = 256
     log_every_steps: PositiveInt = 20
+
+    def __post_init__(self) -> None:
+        # a batch_size below 2 is its own field's error (check_config names it)
+        if self.accumulate_steps > 1 and self.batch_size >= 2 and self.accumulate_steps > self.batch_size // 2:
+            raise ValueError(
+                f"accumulate_steps: {self.accumulate_steps} micro-batches of a batch of {self.batch_size} pairs leave "
+                f"fewer than 2 pairs in some micro-batch (the hinge loss needs a negative); expected at most "
+                f"{self.batch_size // 2}"
+            )
 
 
 @dataclass
@@ -116,6 +134,24 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Settings added after runs were already written (issue 13). A stored config without one of them
+# trained with its default, so it is the same run: old run folders keep resuming
+# (``trainer.config_differences``) and shared runs keep their folder names (:func:`identity_json`).
+ADDED_SETTINGS = {f"train.{name}": getattr(TrainConfig(), name)
+                  for name in ("amp_dtype", "accumulate_steps", "sync_batchnorm", "eval_compute_dtype")}  # fmt: skip
+
+
+def identity_json(cfg: RunConfig) -> str:
+    """``cfg.to_json()`` without the :data:`ADDED_SETTINGS` that hold their default: what names
+    a run (two configs that train the same run give the same text)."""
+    data = cfg.to_dict()
+    for dotted, default in ADDED_SETTINGS.items():
+        section, name = dotted.split(".")
+        if data.get(section, {}).get(name, object()) == default:
+            del data[section][name]
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
 def replace_nested(cfg: Any, overrides: dict[str, Any]) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,51 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def contiguous_share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s contiguous share of ``n`` items: shares differ by at most
+    one (the first ``n % world`` ranks take one more), concatenated in rank order they are all
+    ``n`` items; with ``n < world`` some ranks get none."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"contiguous_share: expected 0 <= rank < world, found rank {rank}, world {world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node (``LOCAL_RANK``; 0 in a world of one)."""
+    return _env_int("LOCAL_RANK", rank()) if world_size() > 1 else 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled; no-op in a world of one). Every rank must call it;
+    what the other ranks pass is ignored."""
+    if world_size() <= 1:
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a world of one)."""
+    if world_size() <= 1:
+        return [obj]
+    found: list[Any] = [None] * world_size()
+    dist.all_gather_object(found, obj)
+    return found
+
+
+def sum_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
+    """``value`` summed over the ranks (itself in a world of one). NaN or Inf on any rank gives a
+    non-finite sum on every rank, so every rank takes the same decision on it."""
+    if world_size() <= 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
 
 
 def barrier() -> None:

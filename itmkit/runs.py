@@ -47,14 +47,16 @@ def shared_run_dir(root: str | Path, method: str, cfg: RunConfig, variant: str |
     """The folder of a run that several notebooks or studies share: ``<root>/<name>``.
 
     ``name`` is ``<method>[-<variant>]-<preset>-seed<seed>-<hash>``, the hash taken over the whole
-    config (``cfg.to_json()``), so two callers asking for the same settings land in the same
+    config (:func:`itmkit.config.identity_json`), so two callers asking for the same settings land in the same
     folder (the trainer then returns the finished run, or resumes an unfinished one) and any
     difference in settings, however small, gives a new folder. ``variant`` only makes the name
     readable (``sgraf-saf-course-seed0-...``); the settings that make the variant are in the hash.
     """
     import hashlib
 
-    digest = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:8]
+    from itmkit.config import identity_json
+
+    digest = hashlib.sha1(identity_json(cfg).encode()).hexdigest()[:8]
     label = f"{method}-{variant}" if variant else method
     return Path(root).resolve() / f"{label}-{cfg.preset}-seed{cfg.train.seed}-{digest}"
 

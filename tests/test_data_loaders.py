@@ -165,3 +165,49 @@ def test_caption_batches_in_order(tmp_path, pipeline):
             assert lengths[row].item() == len(ids) and tokens[row, : len(ids)].tolist() == ids
             assert (tokens[row, len(ids) :] == 0).all()
             c += 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shares_concatenate_to_the_one_process_batches(tmp_path, pipeline, world):
+    """DDP's sampler: each rank's batch of a step is its contiguous share of the one-process
+    batch, pair for pair and augmentation for augmentation (issue 13 §1)."""
+    split, _ = make_split(tmp_path)
+    one = _epoch(PairDataset(split, pipeline, train=True, seed=3), seed=3, epoch=2, batch_size=16)  # 60 = 3 x 16 + 12
+    ranks = [list(train_batches(PairDataset(split, pipeline, train=True, seed=3), 16, 3, 2, rank=r, world_size=world))
+             for r in range(world)]  # fmt: skip
+    assert [len(r) for r in ranks] == [len(one)] * world == [steps_per_epoch(60, 16, world_size=world)] * world
+    for step, whole in enumerate(one):
+        parts = [r[step] for r in ranks]
+        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+        assert torch.equal(torch.cat([p.caption_index for p in parts]), whole.caption_index)
+        for part, piece in zip(parts, whole.split(world)):  # Batch.split cuts the same shares
+            assert _same(part, piece)
+    # resuming at step 2 on every rank gives each rank's tail
+    tail = list(train_batches(PairDataset(split, pipeline, train=True, seed=3), 16, 3, 2, start_step=2, rank=1,
+                              world_size=world))  # fmt: skip
+    assert all(_same(a, b) for a, b in zip(ranks[1][2:], tail))
+
+
+def test_a_last_batch_smaller_than_the_world_is_skipped_on_every_rank(tmp_path, pipeline):
+    split, _ = make_split(tmp_path)  # 60 captions: batches of 29 leave 2
+    assert steps_per_epoch(60, 29) == 3 and steps_per_epoch(60, 29, world_size=2) == 3
+    assert steps_per_epoch(60, 29, world_size=3) == 2
+    for rank in range(3):
+        batches = list(train_batches(PairDataset(split, pipeline, train=True, seed=0), 29, 0, 0, rank=rank, world_size=3))
+        assert [len(b) for b in batches] == [10 if rank < 2 else 9] * 2
+    with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
+        next(train_batches(PairDataset(split, pipeline, train=True, seed=0), 29, 0, 0, rank=3, world_size=3))
+
+
+def test_batch_split_trims_each_part_to_its_own_padding():
+    rng = np.random.default_rng(0)
+    items = [PairItem(rng.standard_normal((k, 3)).astype(np.float32), list(range(1, n + 1)), i // 5, i)
+             for i, (k, n) in enumerate([(2, 3), (5, 2), (3, 7), (4, 4), (1, 2)])]  # fmt: skip
+    whole = collate_pairs(items)
+    parts = whole.split(2)
+    assert [len(p) for p in parts] == [3, 2]
+    for part, chunk in zip(parts, (items[:3], items[3:])):
+        assert _same(part, collate_pairs(chunk))  # exactly what a rank would collate
+    assert whole.split(1) == [whole]
+    with pytest.raises(ValueError, match="expected 1 to 5 parts"):
+        whole.split(6)

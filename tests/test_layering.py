@@ -10,7 +10,8 @@ PACKAGE = Path(itmkit.__file__).parent
 
 # lowest first; a module may import its own layer and those below
 LAYERS = [
-    ("itmkit.paths", "itmkit.config_checks", "itmkit.config", "itmkit.runtime", "itmkit.encoded", "itmkit.checkpoints"),
+    ("itmkit.paths", "itmkit.config_checks", "itmkit.config", "itmkit.runtime", "itmkit.encoded", "itmkit.checkpoints",
+     "itmkit.distributed"),
     ("itmkit.data",),
     ("itmkit.models",),
     ("itmkit.similarity",),

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from itmkit.data.augment import REGION_DROP_RATE, drop_regions
 from itmkit.data.precomp import PrecompSplit
 from itmkit.data.text import TextPipeline
+from itmkit.distributed import contiguous_share
 
 
 @dataclass
@@ -48,6 +49,22 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return Batch(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+
+    def split(self, parts: int) -> list["Batch"]:
+        """``parts`` contiguous micro-batches (sizes as :func:`rank_share` gives them), each trimmed
+        to its own longest image and caption: exactly the batches ``parts`` ranks would collate
+        from this one (gradient accumulation matches DDP's split of a global batch)."""
+        if not 1 <= parts <= len(self):
+            raise ValueError(f"Batch.split: expected 1 to {len(self)} parts of a batch of {len(self)} pairs, found {parts}")
+        if parts == 1:
+            return [self]
+        pieces = []
+        for part in range(parts):
+            lo, hi = rank_share(len(self), part, parts)
+            k, steps = int(self.img_lengths[lo:hi].max()), int(self.cap_lengths[lo:hi].max())
+            pieces.append(Batch(self.images[lo:hi, :k], self.img_lengths[lo:hi], self.tokens[lo:hi, :steps],
+                                self.cap_lengths[lo:hi], self.image_index[lo:hi], self.caption_index[lo:hi]))  # fmt: skip
+        return pieces
 
     def pin_memory(self) -> "Batch":
         # DataLoader(pin_memory=True) calls this on custom batch types.
@@ -153,17 +170,25 @@ def collate_pairs(items: Sequence[PairItem], pad_id: int = 0) -> Batch:
     )
 
 
-class _FixedOrderSampler(Sampler[int]):
-    """Yields a precomputed index order (the DataLoader batches it; workers stay possible)."""
+class _BatchIndexSampler(Sampler[list[int]]):
+    """Yields precomputed lists of item indices, one per batch (the DataLoader collates each;
+    workers stay possible)."""
 
-    def __init__(self, order: Tensor) -> None:
-        self.order = order
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order.tolist())
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.batches)
+
+
+def rank_share(batch_len: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of ``rank``'s contiguous share of a global batch of ``batch_len`` pairs
+    (:func:`itmkit.distributed.contiguous_share`): the ranks' shares concatenated in rank order
+    are the global batch itself."""
+    return contiguous_share(batch_len, rank, world_size)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -174,8 +199,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def steps_per_epoch(n_items: int, batch_size: int, drop_last: bool = False) -> int:
-    return n_items // batch_size if drop_last else -(-n_items // batch_size)
+def steps_per_epoch(n_items: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
+    """Optimisation steps of one epoch. With several ranks a last global batch smaller than the
+    world size is skipped (a rank would get no pair; see :func:`train_batches`)."""
+    if drop_last:
+        return n_items // batch_size
+    tail = n_items % batch_size
+    return n_items // batch_size + (1 if tail and tail >= world_size else 0)
 
 
 def train_batches(
@@ -187,25 +217,46 @@ def train_batches(
     num_workers: int = 0,
     drop_last: bool = False,
     pad_id: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
     """Collated batches of one training epoch in a permutation drawn from ``(seed, epoch)``.
 
-    Batches are consecutive chunks of the permutation, so skipping ``start_step`` batches (a
-    resumed run) yields exactly the tail of the full epoch. Sets ``dataset.set_epoch(epoch)``.
-    ``drop_last=False`` by default so that a tiny set still gives one batch.
+    Global batches are consecutive chunks of ``batch_size`` of the permutation, so skipping
+    ``start_step`` batches (a resumed run) yields exactly the tail of the full epoch. Sets
+    ``dataset.set_epoch(epoch)``. ``drop_last=False`` by default so that a tiny set still gives
+    one batch.
+
+    Several processes (``world_size > 1``, DDP): every rank draws the same permutation and takes
+    its contiguous share (:func:`rank_share`) of each global batch, so the ranks' batches of a
+    step, concatenated in rank order, are the one-process batch of that step, pair for pair and
+    augmentation draw for draw (those come from ``(seed, epoch, caption)``). A last global batch
+    smaller than ``world_size`` is skipped on every rank (some rank would have no pair);
+    :func:`steps_per_epoch` counts the same. ``pin_memory`` pins the batches for fast copies to
+    a GPU (DataLoader workers fill them from the memory-mapped features: no process holds the
+    whole array).
     """
     if batch_size <= 0:
         raise ValueError(f"train_batches: batch_size must be positive, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"train_batches: rank {rank} is not in a world of {world_size} processes")
     dataset.set_epoch(epoch)
-    order = epoch_order(len(dataset), seed, epoch)[start_step * batch_size :]
+    order = epoch_order(len(dataset), seed, epoch)[start_step * batch_size :].tolist()
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        if (drop_last and len(chunk) < batch_size) or len(chunk) < world_size:
+            continue
+        lo, hi = rank_share(len(chunk), rank, world_size)
+        batches.append(chunk[lo:hi])
     pad = dataset.pipeline.pad_id if pad_id is None else pad_id
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=_FixedOrderSampler(order),
+        batch_sampler=_BatchIndexSampler(batches),
         collate_fn=partial(collate_pairs, pad_id=pad),
         num_workers=num_workers,
-        drop_last=drop_last,
+        pin_memory=pin_memory,
         # The loader's own generator (worker base seed) comes from (seed, epoch), so starting an
         # iterator never draws from torch's global RNG: a resumed run keeps the model's dropout
         # stream exactly where an uninterrupted run has it.

@@ -203,19 +203,23 @@ def evaluate_split(
     sims_out: str | Path | None = None,
     score_dtype: str | torch.dtype = "float32",
     check_collapse: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Encode ``split``, build ``S``, evaluate under ``protocols`` (default by split name and size).
 
     Non-finite scores raise :class:`~itmkit.evaluate.metrics.NonFiniteScoresError`, collapsed
     ones :class:`~itmkit.evaluate.collapse.CollapsedScoresError` (unless ``check_collapse`` is
     off: the trainer checks every epoch itself), both naming the model and the split.
+    ``compute_dtype`` (``torch.float16`` / ``torch.bfloat16``, CUDA only) feeds a pairwise
+    method's engine blocks in reduced precision (scores stay float32); embedding methods ignore it.
     """
     protocols = default_protocols(split.split, split.n_images) if protocols is None else protocols
     for name in [protocols] if isinstance(protocols, (str, Protocol)) else protocols:
         check_protocol_size(name, split.n_images, split.n_captions, CAPTIONS_PER_IMAGE)  # before encoding
     images, captions = encode_split(model, split, pipeline, batch_size, device, progress)
+    engine = {"compute_dtype": compute_dtype} if (compute_dtype is not None and model.pairwise) else {}
     sims = similarity_matrix(model, images, captions, out=sims_out, progress=progress, device=device,
-                             score_dtype=score_dtype)  # fmt: skip
+                             score_dtype=score_dtype, **engine)  # fmt: skip
     source = f"scores of {type(model).__name__} on {Path(split.root) / split.split}"
     if check_collapse:
         check_not_collapsed(sims, source)
@@ -237,6 +241,7 @@ def evaluate_model(
     max_captions: int | None = None,
     progress: bool = True,
     score_dtype: str | torch.dtype = "float32",
+    compute_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``data_dir/{split}_*`` and (optionally) save the results.
 
@@ -250,17 +255,19 @@ def evaluate_model(
         max_captions: evaluate only the first captions (dev validation uses 5,000, §A.1).
         score_dtype: ``"float32"`` (default) or ``"float64"`` (the references' precision; see the
             module docstring).
+        compute_dtype: reduced-precision engine blocks on CUDA (see :func:`evaluate_split`).
     """
     if pipeline is None:
         raise ValueError("evaluate_model: a text pipeline is needed (itmkit.runs.load_run returns one)")
     opened = PrecompSplit.open(data_dir, split, max_captions=max_captions)
     if out_dir is None:
-        return evaluate_split(model, opened, pipeline, protocol, batch_size, device, progress, score_dtype=score_dtype)
+        return evaluate_split(model, opened, pipeline, protocol, batch_size, device, progress, score_dtype=score_dtype,
+                              compute_dtype=compute_dtype)  # fmt: skip
     out = Path(out_dir)
     remove_stale_temp_files(out)
     with atomic_path(out / "sims.npy", suffix=".npy") as tmp:
         result = evaluate_split(model, opened, pipeline, protocol, batch_size, device, progress, sims_out=tmp,
-                                score_dtype=score_dtype)  # fmt: skip
+                                score_dtype=score_dtype, compute_dtype=compute_dtype)  # fmt: skip
         result.save(out, save_sims=False)
     result.sims = np.load(out / "sims.npy", mmap_mode="r")
     return result

@@ -25,6 +25,7 @@ import numpy as np
 import torch.distributed as dist
 
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
+from itmkit.distributed import contiguous_share
 from itmkit.evaluate.evaluator import encode_split, similarity_matrix
 from itmkit.evaluate.collapse import check_not_collapsed
 from itmkit.evaluate.protocols import check_protocol_size, default_protocols, evaluate_protocols
@@ -47,11 +48,7 @@ def _barrier() -> None:
 def row_range(n_rows: int, rank: int, world: int) -> tuple[int, int]:
     """The contiguous rows ``[start, stop)`` rank ``rank`` of ``world`` scores: sizes differ by at
     most one, the first ``n_rows % world`` ranks take the extra row; a rank may get none."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"row_range: expected 0 <= rank < world, found rank {rank}, world {world}")
-    base, extra = divmod(n_rows, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    return contiguous_share(n_rows, rank, world)
 
 
 def sharded_similarity(model: MatchingModel, images, captions, out: str | Path, progress: bool = False,
@@ -125,6 +122,7 @@ class process_group_from_env:
         import torch
 
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
         self.device = device
         if self.world > 1 and (device in (None, "auto", "cuda")) and torch.cuda.is_available():
             self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -133,7 +131,14 @@ class process_group_from_env:
 
     def __enter__(self) -> "process_group_from_env":
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(self.backend)
+            import datetime
+
+            from itmkit.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, _env_int
+
+            # rank 0 validates and tests alone while the others wait: a long COCO evaluation must
+            # not trip the collective timeout (ITMKIT_DIST_TIMEOUT_S, 2 h by default)
+            timeout = datetime.timedelta(seconds=_env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+            dist.init_process_group(self.backend, timeout=timeout)
             self.joined = True
         return self
 

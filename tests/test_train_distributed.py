@@ -1,0 +1,136 @@
+"""DDP training on the CPU: two gloo processes against one process (issue 13 §1, §3).
+
+- an embedding method (VSE∞) gathers its encodings: one 2-process step over a global batch of
+  16 equals one 1-process step over the same 16 pairs;
+- a pairwise method (SCAN) scores each rank's share: a 2-process step equals one process with
+  ``accumulate_steps=2`` (the same micro-batches, gradients added);
+- a 2-process run stopped mid-epoch and resumed ends with the same weights and test numbers as
+  an uninterrupted 2-process run under ``torchrun -m itmkit train``, and one process may not
+  resume it.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from itmkit import distributed
+from itmkit.config import replace_nested
+from itmkit.methods.registry import get_method
+from itmkit.train.trainer import train
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(method: str, **overrides):
+    base = {"train.epochs": 2, "train.batch_size": 16, "train.device": "cpu", "train.log_every_steps": 1}
+    return replace_nested(get_method(method).preset("smoke"), {**base, **overrides})
+
+
+def _worker(rank: int, world: int, port: int, cfg, out: str, max_steps) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    ctx = distributed.init_from_env("cpu")
+    try:
+        train(cfg, out, progress=False, max_steps=max_steps)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _spawn(cfg, out, max_steps=None, world=2) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), cfg, str(out), max_steps), nprocs=world, join=True)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+# Adam's first step moves every weight by about lr whatever its gradient's size, so a weight
+# whose gradient is float noise around 0 (a feature that is 0 in most of the batch) moves by a
+# noise-dependent part of lr: the tolerance is 5 % of the smoke lr (5e-4), 100x below a real
+# difference of batches (asserted beside it).
+STEP_TOLERANCE = 2.5e-5
+
+
+def _max_difference(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def _assert_same_weights(a, b, atol=STEP_TOLERANCE):
+    assert _max_difference(a, b) <= atol
+
+
+def test_ddp_step_of_an_embedding_method_equals_one_process_over_the_global_batch(tmp_path):
+    torch.set_num_threads(1)
+    # without the MLP's BatchNorm, whose statistics are each rank's own (SyncBatchNorm is CUDA-only)
+    # hardest negatives from the first step: the one-process hardest negative of a caption may be
+    # another rank's image
+    cfg = _config("vse_infty", **{"model.mlp_residual": False, "train.max_violation": True})
+    _spawn(cfg, tmp_path / "two", max_steps=1)
+    train(cfg, tmp_path / "one", progress=False, max_steps=1)
+    two, one = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False), \
+        torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)  # fmt: skip
+    assert two["world_size"] == 2 and len(two["rng_by_rank"]) == 2
+    _assert_same_weights(two["model"], one["model"])
+    # the logged loss is the global batch's, the same number one process logs
+    assert two["state"]["step_log"][0]["loss"] == pytest.approx(one["state"]["step_log"][0]["loss"], rel=1e-5)
+    assert one["state"]["global_step"] == two["state"]["global_step"] == 1
+    # the comparison is not between two models a step could not tell apart: the first step's
+    # batch split in halves (hardest negatives per half) gives other weights
+    train(replace_nested(cfg, {"train.accumulate_steps": 2}), tmp_path / "halves", progress=False, max_steps=1)
+    halves = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=False)
+    assert _max_difference(one["model"], halves["model"]) > 20 * STEP_TOLERANCE
+
+
+def test_ddp_step_of_a_pairwise_method_equals_one_process_accumulating_two_micro_batches(tmp_path):
+    torch.set_num_threads(1)
+    _spawn(_config("scan"), tmp_path / "two", max_steps=1)
+    train(_config("scan", **{"train.accumulate_steps": 2}), tmp_path / "acc", progress=False, max_steps=1)
+    train(_config("scan"), tmp_path / "whole", progress=False, max_steps=1)
+    two, acc, whole = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("two", "acc", "whole"))
+    _assert_same_weights(two["model"], acc["model"])
+    assert two["state"]["step_log"][0]["loss"] == pytest.approx(acc["state"]["step_log"][0]["loss"], rel=1e-5)
+    # hardest negatives within each half differ from those of the whole batch: another step
+    assert _max_difference(acc["model"], whole["model"]) > 20 * STEP_TOLERANCE
+
+
+def test_ddp_run_stopped_mid_epoch_resumes_to_the_torchrun_run(tmp_path):
+    cfg = _config("vse_infty")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ITMKIT_THREADS="1")
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), "-m", "itmkit", "train", "--method", "vse_infty", "--preset", "smoke",
+         "--device", "cpu", "--set", "train.epochs=2", "--set", "train.batch_size=16", "--set", "train.log_every_steps=1",
+         "--out", str(tmp_path / "torchrun"), "--quiet"],
+        capture_output=True, text=True, env=env, timeout=600,  # a hang fails the test, never blocks the suite
+    )  # fmt: skip
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    assert torchrun.stdout.count("best dev rsum") == 1  # rank 0 alone reports
+    result = json.loads((tmp_path / "torchrun" / "result.json").read_text())
+    assert result["world_size"] == 2
+
+    stopped = tmp_path / "stopped"
+    _spawn(cfg, stopped, max_steps=2)  # mid-epoch 1 (the tiny set has 3 steps per epoch at 16)
+    state = torch.load(stopped / "checkpoint.pt", weights_only=False)["state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
+    with pytest.raises(ValueError, match="world_size: this run was trained by 2 process"):
+        train(cfg, stopped, progress=False)  # one process may not continue a 2-process run
+    _spawn(cfg, stopped)
+    _assert_same_weights(_weights(stopped / "model_best.pt"), _weights(tmp_path / "torchrun" / "model_best.pt"), atol=0)
+    pd.testing.assert_frame_equal(pd.read_csv(stopped / "test_metrics.csv"), pd.read_csv(tmp_path / "torchrun" / "test_metrics.csv"))
+    logs = [pd.read_csv(p / "log.csv").drop(columns=["epoch_seconds", "seconds"]) for p in (stopped, tmp_path / "torchrun")]
+    pd.testing.assert_frame_equal(*logs)
