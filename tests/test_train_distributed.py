@@ -11,9 +11,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -23,15 +20,10 @@ import torch.multiprocessing as mp
 from itmkit import distributed
 from itmkit.config import replace_nested
 from itmkit.methods.registry import get_method
+from itmkit.train.launch import TorchrunError, free_port, torchrun_train
 from itmkit.train.trainer import train
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(method: str, **overrides):
@@ -51,7 +43,7 @@ def _worker(rank: int, world: int, port: int, cfg, out: str, max_steps) -> None:
 
 
 def _spawn(cfg, out, max_steps=None, world=2) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), cfg, str(out), max_steps), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), cfg, str(out), max_steps), nprocs=world, join=True)
 
 
 def _weights(path):
@@ -110,15 +102,8 @@ def test_ddp_step_of_a_pairwise_method_equals_one_process_accumulating_two_micro
 
 def test_ddp_run_stopped_mid_epoch_resumes_to_the_torchrun_run(tmp_path):
     cfg = _config("vse_infty")
-    env = dict(os.environ, OMP_NUM_THREADS="1", ITMKIT_THREADS="1")
-    torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "itmkit", "train", "--method", "vse_infty", "--preset", "smoke",
-         "--device", "cpu", "--set", "train.epochs=2", "--set", "train.batch_size=16", "--set", "train.log_every_steps=1",
-         "--out", str(tmp_path / "torchrun"), "--quiet"],
-        capture_output=True, text=True, env=env, timeout=600,  # a hang fails the test, never blocks the suite
-    )  # fmt: skip
-    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    torchrun = torchrun_train("vse_infty", "smoke", tmp_path / "torchrun", nproc=2, device="cpu", timeout_s=600,
+                              overrides={"train.epochs": 2, "train.batch_size": 16, "train.log_every_steps": 1})  # fmt: skip
     assert torchrun.stdout.count("best dev rsum") == 1  # rank 0 alone reports
     result = json.loads((tmp_path / "torchrun" / "result.json").read_text())
     assert result["world_size"] == 2
@@ -134,3 +119,8 @@ def test_ddp_run_stopped_mid_epoch_resumes_to_the_torchrun_run(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(stopped / "test_metrics.csv"), pd.read_csv(tmp_path / "torchrun" / "test_metrics.csv"))
     logs = [pd.read_csv(p / "log.csv").drop(columns=["epoch_seconds", "seconds"]) for p in (stopped, tmp_path / "torchrun")]
     pd.testing.assert_frame_equal(*logs)
+
+
+def test_a_failed_torchrun_launch_says_what_the_processes_printed(tmp_path):
+    with pytest.raises(TorchrunError, match=r"exited with .*no field 'nope'"):
+        torchrun_train("vse_infty", "smoke", tmp_path / "bad", overrides={"train.nope": 1}, timeout_s=300)
