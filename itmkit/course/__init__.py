@@ -60,6 +60,12 @@ NOTEBOOK_NAMES: dict[str, str] = {
     "captions_for_images": "itmkit.evaluate.retrieval",
     "compare_with_reported": "itmkit.reported",
     "reported_results": "itmkit.reported",
+    # GPU training and scale (notebook 12)
+    "torchrun_train": "itmkit.train.launch",
+    "measure_throughput": "itmkit.train.throughput",
+    "weight_difference": "itmkit.train.checkpoint",
+    "load_checkpoint": "itmkit.train.checkpoint",
+    "hardest_negatives_by_batch_size": "itmkit.evaluate.batch_negatives",
     # figures, by what they show: figures.curves, figures.images, figures.alignment, figures.graphs
     "figures": "itmkit.figures",
     # the interactive explorer (ipywidgets) and its static views

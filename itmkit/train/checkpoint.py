@@ -222,3 +222,19 @@ def plain_state_dict(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(plain_state_dict(v) for v in state)
     return state
+
+
+def weight_difference(a: str | Path | dict[str, Any], b: str | Path | dict[str, Any]) -> float:
+    """The largest absolute difference between two models' floating-point weights: two run
+    checkpoints (``checkpoint.pt`` / ``model_best.pt``) or two state dicts with the same keys."""
+    states = []
+    for source in (a, b):
+        if isinstance(source, (str, Path)):
+            source = torch.load(source, map_location="cpu", weights_only=False)["model"]
+        states.append(source)
+    first, second = states
+    if first.keys() != second.keys():
+        raise KeyError(f"weight_difference: the models differ in their weights' names: "
+                       f"{sorted(set(first) ^ set(second))[:5]}")  # fmt: skip
+    return max((float((first[k].float() - second[k].float()).abs().max()) for k in first
+                if first[k].is_floating_point()), default=0.0)  # fmt: skip

@@ -29,8 +29,10 @@ def free_port() -> int:
 
 def torchrun_train_command(method: str, preset: str, out_dir: str | Path, *, nproc: int = 2, device: str = "cpu",
                            overrides: Mapping[str, Any] | None = None, max_steps: int | None = None,
-                           data_dir: str | Path | None = None, port: int | None = None) -> list[str]:  # fmt: skip
-    """The argument list of ``torchrun --nproc_per_node nproc -m itmkit train ...`` (one node)."""
+                           data_dir: str | Path | None = None, port: int | None = None,
+                           fresh: bool = False) -> list[str]:  # fmt: skip
+    """The argument list of ``torchrun --nproc_per_node nproc -m itmkit train ...`` (one node);
+    ``fresh`` adds ``--no-resume`` (start over in ``out_dir``)."""
     if nproc < 1:
         raise ValueError(f"torchrun_train: nproc must be >= 1, found {nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -44,22 +46,25 @@ def torchrun_train_command(method: str, preset: str, out_dir: str | Path, *, npr
         command += ["--max-steps", str(max_steps)]
     if data_dir is not None:
         command += ["--data", str(data_dir)]
+    if fresh:
+        command.append("--no-resume")
     return command
 
 
 def torchrun_train(method: str, preset: str, out_dir: str | Path, *, nproc: int = 2, device: str = "cpu",
                    overrides: Mapping[str, Any] | None = None, max_steps: int | None = None,
-                   data_dir: str | Path | None = None, threads_per_process: int = 1,
+                   data_dir: str | Path | None = None, threads_per_process: int = 1, fresh: bool = False,
                    timeout_s: float = 3600) -> subprocess.CompletedProcess:  # fmt: skip
     """Train ``method``/``preset`` into ``out_dir`` with ``nproc`` local processes (DDP).
 
-    Each process gets ``threads_per_process`` CPU threads (two processes on a 2-core machine
+    ``fresh`` starts over in ``out_dir`` (``--no-resume``); otherwise a finished run there is
+    returned as it is and an unfinished one resumed. Each process gets ``threads_per_process`` CPU threads (two processes on a 2-core machine
     would otherwise fight over the cores). A non-zero exit or a run past ``timeout_s`` raises
     :class:`TorchrunError` with the processes' last output; the run folder keeps what was written
     (rerunning the call resumes it).
     """
     command = torchrun_train_command(method, preset, out_dir, nproc=nproc, device=device, overrides=overrides,
-                                     max_steps=max_steps, data_dir=data_dir)  # fmt: skip
+                                     max_steps=max_steps, data_dir=data_dir, fresh=fresh)  # fmt: skip
     threads = str(threads_per_process)
     env = dict(os.environ, OMP_NUM_THREADS=threads, ITMKIT_THREADS=threads)
     try:
