@@ -250,21 +250,3 @@ def test_a_float64_out_takes_the_scores_with_caption_sorting_on(toy_data):
         float32_run = pairwise_similarity(MaxAlignModel(), images, captions, memory_budget=2000)
         np.testing.assert_array_equal(np.asarray(got), float32_run.numpy().astype(np.float64))
         np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6, atol=1e-6)
-
-
-def test_the_default_budget_plans_at_least_the_minimum_pairs_per_block(toy_data, monkeypatch):
-    """A method with megabytes of workspace per pair gets blocks of MIN_DEFAULT_BLOCK_PAIRS pairs
-    from the default budget (tiny blocks were overhead-bound), while an explicit budget is kept."""
-    from itmkit.similarity import engine
-
-    images, captions = toy_data
-    monkeypatch.setattr(engine, "default_memory_budget", lambda device, training=False: 1)  # a budget of 1 byte
-    model = MaxAlignModel()
-    got = pairwise_similarity(model, images, captions)
-    torch.testing.assert_close(got, toy_reference(images, captions), rtol=1e-6, atol=1e-6)
-    wanted = min(engine.MIN_DEFAULT_BLOCK_PAIRS, len(images) * len(captions))
-    assert min(bi * bc for bi, bc, _ in model.calls[:1]) >= min(wanted, len(images))
-    assert max(bi * bc for bi, bc, _ in model.calls) >= wanted
-    explicit = MaxAlignModel()
-    pairwise_similarity(explicit, images, captions, memory_budget=1)
-    assert {bi * bc for bi, bc, _ in explicit.calls} == {1}

@@ -52,12 +52,6 @@ CPU_BUDGET_RANGE = (4 << 20, 64 << 20)
 # 16-256 MiB), and a batch split into image blocks changes SAF's per-caption train-mode
 # BatchNorm statistics (sgraf.md §3.4). Training blocks therefore stay large.
 DEFAULT_CPU_TRAIN_BUDGET = 256 << 20
-# The default budget never plans blocks of fewer pairs than this. A method whose per-pair
-# workspace is megabytes (CEFG: the regulator's rounds over 2R context-enhanced regions) would
-# otherwise get 3 x 3-pair blocks from a cache-sized budget, and the per-block Python and
-# dispatch overhead dominated: CEFG-SGR on 100 x 50 pairs took 98 s at 16 MiB and 39 s at 128 MiB
-# (benchmarks/pairwise_engine.py --quick, 2-core CPU). An explicit memory_budget is kept as given.
-MIN_DEFAULT_BLOCK_PAIRS = 64
 
 
 @functools.cache
@@ -162,12 +156,8 @@ def plan_blocks(
     budget: int,
     compute_dtype: torch.dtype | None = None,
     caption_lengths: Tensor | None = None,
-    min_pairs: int = 1,
 ) -> list[Block]:
     """Tiles covering ``[n_img, n_cap]`` with ``block.workspace_bytes <= budget`` (or 1 x 1 pair).
-
-    ``min_pairs`` raises ``budget`` to hold at least that many pairs of the longest caption
-    (the default budget's floor, :data:`MIN_DEFAULT_BLOCK_PAIRS`).
 
     ``caption_lengths`` (sorted descending, the order the blocks index) lets each caption block
     be sized for its own longest caption; without it every block is sized for the longest one.
@@ -182,8 +172,6 @@ def plan_blocks(
         return max(1, int(model.pair_workspace_bytes(image_proxy, _shape_proxy(captions, steps, compute_dtype))))
 
     longest = None if caption_lengths is None else int(caption_lengths[0])
-    if min_pairs > 1:
-        budget = max(budget, min_pairs * per_pair(longest))
     bi, bc_fixed = block_sizes(n_img, n_cap, per_pair(longest), budget)
     blocks: list[Block] = []
     start = 0
@@ -236,8 +224,7 @@ def pairwise_similarity(
         images: encoded region sets ``[n_img, R, d]``; captions: word sets ``[n_cap, L, d]``
             (any device; blocks are moved to ``device``).
         memory_budget: bytes of block workspace; ``None``: :func:`default_memory_budget` (for
-            training when gradients are enabled), raised where needed to hold
-            :data:`MIN_DEFAULT_BLOCK_PAIRS` pairs per block.
+            training when gradients are enabled).
         device: where blocks are scored; default: the device of ``images.feats``.
         compute_dtype: ``torch.float16`` / ``torch.bfloat16`` to feed blocks in reduced
             precision (CUDA only; methods accumulate in fp32; results are stored in fp32).
@@ -266,11 +253,8 @@ def pairwise_similarity(
     else:
         order, sorted_lengths = None, None
 
-    if memory_budget is not None:
-        budget, min_pairs = memory_budget, 1
-    else:
-        budget, min_pairs = default_memory_budget(device, torch.is_grad_enabled()), MIN_DEFAULT_BLOCK_PAIRS
-    blocks = plan_blocks(model, images, captions, budget, compute_dtype, sorted_lengths, min_pairs)
+    budget = memory_budget if memory_budget is not None else default_memory_budget(device, torch.is_grad_enabled())
+    blocks = plan_blocks(model, images, captions, budget, compute_dtype, sorted_lengths)
 
     def caption_block(start: int, stop: int) -> Encoded:
         part = captions.slice(start, stop) if order is None else captions.select(order[start:stop])
