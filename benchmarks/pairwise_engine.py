@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from itmkit.config import TextConfig
-from itmkit.encoded import Encoded
+from itmkit.encoded import Encoded, EncodedWriter
 from itmkit.methods.scan import SCAN, SCANConfig
 from itmkit.paths import scan_text_dir
 from itmkit.runtime import seed_everything
@@ -622,11 +622,16 @@ def _lhsc_row(args, lengths: torch.Tensor, budget, generator, notes, gemm_peak) 
     batch = 100  # the reference's encode_data batches (lhsc.md §4); the evaluator does the same for LHSC
 
     def engine():
-        images = Encoded.cat([model.encode_images(raw.feats[i : i + batch], raw.lengths[i : i + batch])
-                              for i in range(0, len(raw), batch)])  # fmt: skip
-        captions = Encoded.cat([model.encode_captions(tokens[i : i + batch].contiguous(), lengths[i : i + batch])
-                                for i in range(0, n_cap, batch)])  # fmt: skip
-        return pairwise_similarity(model, images, captions, memory_budget=budget, progress=True, desc="lhsc")
+        # batches written into place, as the evaluator encodes a split (EncodedWriter: the result
+        # plus one batch in memory, not every batch and their concatenation)
+        images, captions = EncodedWriter(len(raw)), EncodedWriter(n_cap, t_max=int(lengths.max()))
+        for i in range(0, len(raw), batch):
+            images.write(range(i, min(i + batch, len(raw))), model.encode_images(raw.feats[i : i + batch], raw.lengths[i : i + batch]))
+        for i in range(0, n_cap, batch):
+            captions.write(range(i, min(i + batch, n_cap)),
+                           model.encode_captions(tokens[i : i + batch].contiguous(), lengths[i : i + batch]))  # fmt: skip
+        return pairwise_similarity(model, images.result(), captions.result(), memory_budget=budget, progress=True,
+                                   desc="lhsc")  # fmt: skip
 
     per_caption, _, fixed = lhsc_flops(lengths.numpy(), args.images, R, d, cfg.sim_dim, args.lhsc_word_dim, args.lhsc_img_dim)
     notes.append(

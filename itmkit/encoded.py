@@ -116,3 +116,73 @@ class Encoded:
         lengths = None if parts[0].lengths is None else torch.cat([p.lengths for p in parts], 0)
         extras = {k: pad_cat([p.extras[k] for p in parts]) for k in parts[0].extras}
         return Encoded(feats, lengths, extras)
+
+
+class EncodedWriter:
+    """Fills an :class:`Encoded` of ``n`` items batch by batch, each batch at the rows it belongs to.
+
+    Encoding a split batch by batch and then concatenating (:meth:`Encoded.cat`) and reordering
+    (:meth:`Encoded.select`) holds every batch, the concatenation and the reordered copy at once:
+    three times the result. The writer allocates the result once (set axes padded to the longest
+    item so far, grown if a later batch is longer) and copies each batch into place, so encoding
+    holds the result plus one batch. At Flickr30K test size with ``d = 1024`` the padded caption
+    set alone is 1.6 GB.
+
+    Args:
+        n: items of the result.
+        t_max: expected longest set (e.g. the longest caption's token count); a longer batch
+            still fits (the buffer grows), a shorter hint only costs a trim at the end.
+    """
+
+    def __init__(self, n: int, t_max: int | None = None) -> None:
+        self.n, self.t_max = int(n), t_max
+        self.feats: Tensor | None = None
+        self.lengths: Tensor | None = None
+        self.extras: dict[str, Tensor] = {}
+        self.written = torch.zeros(self.n, dtype=torch.bool)
+
+    def _buffer(self, current: Tensor | None, part: Tensor, hint: int | None = None) -> Tensor:
+        """``current`` (or a new zero buffer) able to hold ``part``'s rows; set axes (dim >= 3) grown."""
+        if current is None:
+            shape = list(part.shape)
+            shape[0] = self.n
+            if part.dim() >= 3 and hint is not None:
+                shape[1] = max(shape[1], hint)
+            return part.new_zeros(shape)
+        if part.dim() >= 3 and part.shape[1] > current.shape[1]:
+            grown = current.new_zeros((self.n, part.shape[1], *current.shape[2:]))
+            grown[:, : current.shape[1]] = current
+            return grown
+        return current
+
+    @staticmethod
+    def _put(buffer: Tensor, rows: Tensor, part: Tensor) -> None:
+        if part.dim() >= 3:
+            buffer[rows, : part.shape[1]] = part
+            if part.shape[1] < buffer.shape[1]:
+                buffer[rows, part.shape[1] :] = 0
+        else:
+            buffer[rows] = part
+
+    def write(self, rows: Tensor | range, part: "Encoded") -> None:
+        """Put ``part``'s items at ``rows`` (``[len(part)]`` indices into the result)."""
+        rows = torch.as_tensor(list(rows) if isinstance(rows, range) else rows, dtype=torch.long)
+        if rows.shape != (len(part),):
+            raise ValueError(f"EncodedWriter.write: {len(part)} items for {tuple(rows.shape)} rows")
+        part = part.to("cpu")
+        self.feats = self._buffer(self.feats, part.feats, self.t_max)
+        self._put(self.feats, rows, part.feats)
+        if part.lengths is not None:
+            self.lengths = self._buffer(self.lengths, part.lengths)
+            self._put(self.lengths, rows, part.lengths)
+        for key, value in part.extras.items():
+            self.extras[key] = self._buffer(self.extras.get(key), value)
+            self._put(self.extras[key], rows, value)
+        self.written[rows] = True
+
+    def result(self) -> "Encoded":
+        """The filled :class:`Encoded`, trimmed to its longest item; every row must have been written."""
+        if self.feats is None or not bool(self.written.all()):
+            missing = int((~self.written).sum())
+            raise ValueError(f"EncodedWriter.result: {missing} of {self.n} items were never written")
+        return Encoded(self.feats, self.lengths, self.extras).trim()

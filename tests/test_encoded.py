@@ -49,3 +49,36 @@ def test_shape_mismatch_is_reported():
         Encoded(torch.zeros(2, 3, 4), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="extras\\['g'\\]"):
         Encoded(torch.zeros(2, 3, 4), torch.tensor([1, 2]), {"g": torch.zeros(3, 4)})
+
+
+def test_encoded_writer_equals_cat_then_select_for_shuffled_batches_of_any_length():
+    from itmkit.encoded import EncodedWriter
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 9, (11,), generator=g)
+    items = [torch.randn(int(n), 3, generator=g) for n in lengths]
+    extra = [torch.randn(int(n), 2, generator=g) for n in lengths]
+    order = torch.randperm(11, generator=g)
+
+    def part(rows):
+        t = int(lengths[rows].max())
+        feats, ex = torch.zeros(len(rows), t, 3), torch.zeros(len(rows), t, 2)
+        for k, r in enumerate(rows.tolist()):
+            feats[k, : lengths[r]], ex[k, : lengths[r]] = items[r], extra[r]
+        return Encoded(feats, lengths[rows], {"words": ex, "pooled": feats.sum(1)})
+
+    batches = [order[i : i + 4] for i in range(0, 11, 4)]  # the longest item may come late: the buffer grows
+    for hint in (None, 2, 20):
+        writer = EncodedWriter(11, t_max=hint)
+        for rows in batches:
+            writer.write(rows, part(rows))
+        got = writer.result()
+        inverse = torch.empty(11, dtype=torch.long)
+        inverse[order] = torch.arange(11)
+        want = Encoded.cat([part(rows) for rows in batches]).select(inverse)
+        assert torch.equal(got.feats, want.feats) and torch.equal(got.lengths, want.lengths)
+        assert torch.equal(got.extras["words"], want.extras["words"]) and torch.equal(got.extras["pooled"], want.extras["pooled"])
+    unfinished = EncodedWriter(11)
+    unfinished.write(batches[0], part(batches[0]))
+    with pytest.raises(ValueError, match="7 of 11 items were never written"):
+        unfinished.result()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from itmkit.data.loaders import image_batches, pad_token_lists
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
-from itmkit.encoded import Encoded
+from itmkit.encoded import Encoded, EncodedWriter
 from itmkit.evaluate.atomic_write import atomic_path, remove_stale_temp_files
 from itmkit.evaluate.collapse import check_not_collapsed
 from itmkit.evaluate.protocols import Protocol, check_protocol_size, default_protocols, evaluate_protocols
@@ -99,15 +99,16 @@ def encode_split(
     model.eval()
     try:
         n_img_batches = -(-split.n_images // batch_size)
-        images = [
-            model.encode_images(feats.to(device), lengths.to(device)).to("cpu")
-            for feats, lengths in tqdm(image_batches(split, batch_size), total=n_img_batches,
-                                       desc=f"encode {split.split} images", disable=not progress, leave=False)
-        ]  # fmt: skip
+        images = EncodedWriter(split.n_images)
+        start = 0
+        for feats, lengths in tqdm(image_batches(split, batch_size), total=n_img_batches,
+                                   desc=f"encode {split.split} images", disable=not progress, leave=False):  # fmt: skip
+            images.write(range(start, start + len(feats)), model.encode_images(feats.to(device), lengths.to(device)))
+            start += len(feats)
         captions = _encode_captions_by_length(model, split, pipeline, batch_size, device, progress)
     finally:
         model.train(was_training)
-    return Encoded.cat(images), captions
+    return images.result(), captions
 
 
 def _encode_captions_by_length(model, split: PrecompSplit, pipeline, batch_size: int, device, progress: bool) -> Encoded:
@@ -124,14 +125,14 @@ def _encode_captions_by_length(model, split: PrecompSplit, pipeline, batch_size:
         order = np.arange(len(ids))
     else:
         order = np.argsort(-np.array([len(t) for t in ids]), kind="stable")
-    parts = []
+    # each batch is written straight to its captions' rows: no concatenated copy, no reordering copy
+    captions = EncodedWriter(len(ids), t_max=max((len(t) for t in ids), default=None))
     for start in tqdm(range(0, len(ids), batch_size), desc=f"encode {split.split} captions", disable=not progress,
                       leave=False):  # fmt: skip
-        tokens, lengths = pad_token_lists([ids[i] for i in order[start : start + batch_size]], pipeline.pad_id)
-        parts.append(model.encode_captions(tokens.to(device), lengths.to(device)).to("cpu"))
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.from_numpy(order)] = torch.arange(len(order))
-    return Encoded.cat(parts).select(inverse)
+        rows = order[start : start + batch_size]
+        tokens, lengths = pad_token_lists([ids[i] for i in rows], pipeline.pad_id)
+        captions.write(torch.from_numpy(np.ascontiguousarray(rows)), model.encode_captions(tokens.to(device), lengths.to(device)))
+    return captions.result()
 
 
 @torch.no_grad()
