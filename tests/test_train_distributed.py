@@ -4,13 +4,14 @@
   16 equals one 1-process step over the same 16 pairs;
 - a pairwise method (SCAN) scores each rank's share: a 2-process step equals one process with
   ``accumulate_steps=2`` (the same micro-batches, gradients added);
-- a 2-process run stopped mid-epoch and resumed ends with the same weights and test numbers as
-  an uninterrupted 2-process run under ``torchrun -m itmkit train``, and one process may not
-  resume it.
+- a 2-process run stopped mid-epoch (``max_steps``), or with one rank killed by SIGKILL mid-epoch,
+  and resumed ends with the same weights and test numbers as an uninterrupted 2-process run under
+  ``torchrun -m itmkit train``, and one process may not resume it.
 """
 
 import json
 import os
+import signal
 
 import pandas as pd
 import pytest
@@ -32,19 +33,24 @@ def _config(method: str, **overrides):
     return replace_nested(get_method(method).preset("smoke"), {**base, **overrides})
 
 
-def _worker(rank: int, world: int, port: int, cfg, out: str, max_steps) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+def _worker(rank: int, world: int, port: int, cfg, out: str, max_steps, kill_rank_at) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", ITMKIT_DIST_TIMEOUT_S="120")  # fmt: skip
     torch.set_num_threads(1)
     ctx = distributed.init_from_env("cpu")
+
+    def on_step(state) -> None:  # a real SIGKILL of one rank, after its step's checkpoint was written
+        if kill_rank_at is not None and rank == kill_rank_at[0] and state.global_step == kill_rank_at[1]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     try:
-        train(cfg, out, progress=False, max_steps=max_steps)
+        train(cfg, out, progress=False, max_steps=max_steps, on_step=on_step)
     finally:
         distributed.cleanup(ctx)
 
 
-def _spawn(cfg, out, max_steps=None, world=2) -> None:
-    mp.spawn(_worker, args=(world, free_port(), cfg, str(out), max_steps), nprocs=world, join=True)
+def _spawn(cfg, out, max_steps=None, world=2, kill_rank_at=None) -> None:
+    mp.spawn(_worker, args=(world, free_port(), cfg, str(out), max_steps, kill_rank_at), nprocs=world, join=True)
 
 
 def _weights(path):
@@ -105,7 +111,7 @@ def test_ddp_run_stopped_mid_epoch_resumes_to_the_torchrun_run(tmp_path):
     assert result["world_size"] == 2
 
     stopped = tmp_path / "stopped"
-    _spawn(cfg, stopped, max_steps=2)  # mid-epoch 1 (the tiny set has 3 steps per epoch at 16)
+    _spawn(cfg, stopped, max_steps=2)  # mid-epoch 1 (the tiny set: 240 captions, 15 steps per epoch at 16)
     state = torch.load(stopped / "checkpoint.pt", weights_only=False)["state"]
     assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
     with pytest.raises(ValueError, match="world_size: this run was trained by 2 process"):
@@ -115,6 +121,19 @@ def test_ddp_run_stopped_mid_epoch_resumes_to_the_torchrun_run(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(stopped / "test_metrics.csv"), pd.read_csv(tmp_path / "torchrun" / "test_metrics.csv"))
     logs = [pd.read_csv(p / "log.csv").drop(columns=["epoch_seconds", "seconds"]) for p in (stopped, tmp_path / "torchrun")]
     pd.testing.assert_frame_equal(*logs)
+
+    # killed: rank 1 dies by SIGKILL mid-epoch 1 (step 5 of 15, checkpoints every step); the survivor
+    # fails on the lost peer, and the same command resumes from the last checkpoint
+    killed = tmp_path / "killed"
+    every_step = replace_nested(cfg, {"train.checkpoint_every_steps": 1})
+    with pytest.raises(mp.ProcessExitedException):
+        _spawn(every_step, killed, kill_rank_at=(1, 5))
+    state = torch.load(killed / "checkpoint.pt", weights_only=False)["state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 5, 5)
+    assert not (killed / "result.json").exists()
+    _spawn(every_step, killed)
+    assert weight_difference(killed / "model_best.pt", tmp_path / "torchrun" / "model_best.pt") == 0.0
+    pd.testing.assert_frame_equal(pd.read_csv(killed / "test_metrics.csv"), pd.read_csv(tmp_path / "torchrun" / "test_metrics.csv"))
 
 
 def test_a_failed_torchrun_launch_says_what_the_processes_printed(tmp_path):
