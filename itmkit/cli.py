@@ -313,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", nargs="?")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("train", help="train a method (resumes an existing run directory)", parents=[threads])
+    p = sub.add_parser("train", help="train a method (resumes an existing run directory)", parents=[threads],
+                       epilog="Several processes (DDP, one per GPU): torchrun --nproc_per_node N -m itmkit train ... "
+                              "(docs/gpu_training.md)")  # fmt: skip
     p.add_argument("--method", required=True, help="registered method name (see `itmkit methods`)")
     p.add_argument("--preset", default="course", help="preset name: smoke, course, paper, ... (default course)")
     p.add_argument("--data", help="precomp folder (default: the preset's; embedded set when none)")
