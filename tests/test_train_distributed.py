@@ -139,3 +139,14 @@ def test_ddp_run_stopped_mid_epoch_resumes_to_the_torchrun_run(tmp_path):
 def test_a_failed_torchrun_launch_says_what_the_processes_printed(tmp_path):
     with pytest.raises(TorchrunError, match=r"exited with .*no field 'nope'"):
         torchrun_train("vse_infty", "smoke", tmp_path / "bad", overrides={"train.nope": 1}, timeout_s=300)
+
+
+def test_a_method_with_its_own_loss_and_a_transformer_text_encoder_trains_under_ddp(tmp_path):
+    """HREM supplies its own loss (relations among the batch's items, scored per rank) and the
+    offline MiniLM leaves its pooler unused: DDP must find the unused parameters, not hang."""
+    cfg = _config("hrem", **{"text.kind": "hf", "train.log_every_steps": 1})
+    _spawn(cfg, tmp_path / "hrem", max_steps=2)
+    ckpt = torch.load(tmp_path / "hrem" / "checkpoint.pt", weights_only=False)
+    assert ckpt["world_size"] == 2 and ckpt["state"]["global_step"] == 2
+    losses = [row["loss"] for row in ckpt["state"]["step_log"]]
+    assert len(losses) == 2 and all(0 < loss < float("inf") for loss in losses)
