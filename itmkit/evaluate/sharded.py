@@ -25,6 +25,7 @@ import numpy as np
 import torch.distributed as dist
 
 from itmkit.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
+import itmkit.distributed as distributed
 from itmkit.distributed import contiguous_share
 from itmkit.evaluate.evaluator import encode_split, similarity_matrix
 from itmkit.evaluate.collapse import check_not_collapsed
@@ -35,14 +36,7 @@ from itmkit.models.base import MatchingModel
 
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    return distributed.rank(), distributed.world_size()
 
 
 def row_range(n_rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -64,7 +58,7 @@ def sharded_similarity(model: MatchingModel, images, captions, out: str | Path, 
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape).flush()
-    _barrier()  # the file exists before any rank opens it
+    distributed.barrier()  # the file exists before any rank opens it
     start, stop = row_range(shape[0], rank, world)
     if stop > start:
         matrix = np.load(partial, mmap_mode="r+")
@@ -72,10 +66,10 @@ def sharded_similarity(model: MatchingModel, images, captions, out: str | Path, 
                           captions, out=matrix[start:stop], progress=progress and rank == 0, device=device)  # fmt: skip
         matrix.flush()
         del matrix
-    _barrier()  # every block is on disk
+    distributed.barrier()  # every block is on disk
     if rank == 0:
         partial.replace(out)
-    _barrier()
+    distributed.barrier()
     return np.load(out, mmap_mode="r")
 
 
@@ -107,7 +101,7 @@ def evaluate_sharded(model: MatchingModel, data_dir: str | Path, split: str, pip
     result = EvalResult(sims=sims, metrics=metrics, info=info)
     if rank == 0:
         result.save(out, save_sims=False)
-    _barrier()
+    distributed.barrier()
     return result
 
 
