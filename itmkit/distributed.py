@@ -17,6 +17,7 @@ it back exactly: N processes x B pairs train like one process x N*B pairs.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,9 @@ DEFAULT_TIMEOUT_S = 7200
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` on its node, and whether
-    :func:`init_from_env` created the process group (then :func:`cleanup` destroys it)."""
+    :func:`init_from_env` created the process group (then :func:`cleanup` destroys it). As a
+    context manager (``with init_from_env("cpu") as ctx:``) it leaves the group on exit, in step
+    with the other ranks unless an error is on its way out."""
 
     rank: int = 0
     world_size: int = 1
@@ -47,6 +50,13 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def __enter__(self) -> "DistContext":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        # after an error, leave without waiting: the other ranks may never reach the barrier
+        cleanup(self, clean=exc_type is None)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -140,10 +150,29 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`init_from_env` created it."""
-    if ctx.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+def leave_process_group(clean: bool = True) -> None:
+    """Destroy the default process group, in step with the other ranks.
+
+    ``clean`` (this rank got here without an error): wait for every rank first, so no rank
+    tears down its connections while another is still writing or communicating, and free the
+    objects that still hold the group (a DDP wrapper lives in reference cycles until a
+    collection) while the interpreter is whole. Without this a rank that finished first
+    sometimes died in gloo's teardown at interpreter exit ("terminate called without an active
+    exception", SIGABRT), failing a run that had finished. After an error there is no wait: the
+    other ranks may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def cleanup(ctx: DistContext, clean: bool = True) -> None:
+    """Destroy the process group if :func:`init_from_env` created it (see :func:`leave_process_group`)."""
+    if ctx.owns_group:
+        leave_process_group(clean)
 
 
 class _GatherRows(torch.autograd.Function):

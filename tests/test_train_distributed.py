@@ -37,16 +37,13 @@ def _worker(rank: int, world: int, port: int, cfg, out: str, max_steps, kill_ran
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", ITMKIT_DIST_TIMEOUT_S="120")  # fmt: skip
     torch.set_num_threads(1)
-    ctx = distributed.init_from_env("cpu")
 
     def on_step(state) -> None:  # a real SIGKILL of one rank, after its step's checkpoint was written
         if kill_rank_at is not None and rank == kill_rank_at[0] and state.global_step == kill_rank_at[1]:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    try:
+    with distributed.init_from_env("cpu"):
         train(cfg, out, progress=False, max_steps=max_steps, on_step=on_step)
-    finally:
-        distributed.cleanup(ctx)
 
 
 def _spawn(cfg, out, max_steps=None, world=2, kill_rank_at=None) -> None:

@@ -136,6 +136,6 @@ class process_group_from_env:
             self.joined = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.joined:
-            dist.destroy_process_group()
+            distributed.leave_process_group(clean=exc_type is None)

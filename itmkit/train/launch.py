@@ -66,7 +66,9 @@ def torchrun_train(method: str, preset: str, out_dir: str | Path, *, nproc: int 
     command = torchrun_train_command(method, preset, out_dir, nproc=nproc, device=device, overrides=overrides,
                                      max_steps=max_steps, data_dir=data_dir, fresh=fresh)  # fmt: skip
     threads = str(threads_per_process)
-    env = dict(os.environ, OMP_NUM_THREADS=threads, ITMKIT_THREADS=threads)
+    # a process killed by a signal (a segfault, an abort in native code) prints its Python stack
+    # to stderr, which the error below quotes
+    env = dict(os.environ, OMP_NUM_THREADS=threads, ITMKIT_THREADS=threads, PYTHONFAULTHANDLER="1")
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
