@@ -72,6 +72,39 @@ def test_block_sizes_respect_budget():
         assert bi * bc * per_pair <= budget or (bi, bc) == (1, 1)
 
 
+def test_block_sizes_align_gemm_operands_where_the_budget_allows():
+    from itmkit.similarity.engine import GEMM_ALIGN, aligned_count
+
+    # 36 regions: an even image count gives 8-aligned rows; 15 words: 8 captions at a time
+    for n_img, n_cap, per_pair, budget in [(1000, 5000, 4320, 16 << 20), (1000, 5000, 9000, 3 << 20), (999, 77, 500, 1 << 22)]:
+        bi, bc = block_sizes(n_img, n_cap, per_pair, budget, image_length=36, caption_length=15)
+        assert bi * bc * per_pair <= budget
+        assert bi == n_img or (bi * 36) % GEMM_ALIGN == 0, bi
+        assert bc == n_cap or (bc * 15) % GEMM_ALIGN == 0, bc
+        plain = block_sizes(n_img, n_cap, per_pair, budget)
+        assert bi >= plain[0] - GEMM_ALIGN and bc >= plain[1] - GEMM_ALIGN  # rounding costs little
+    assert aligned_count(5, 15, 100) == 5  # fewer than one aligned step: kept
+    assert aligned_count(37, 15, 37) == 37  # reaches the end: the last block is what is left
+    assert aligned_count(37, 15, 100) == 32 and aligned_count(37, 12, 100) == 36 and aligned_count(37, 8, 100) == 37
+
+
+def test_plan_aligns_caption_blocks_to_their_own_length():
+    from itmkit.similarity.engine import GEMM_ALIGN
+
+    g = torch.Generator().manual_seed(1)
+    images = padded_sets([36] * 40, 36, 8, g)
+    lengths = torch.randint(5, 30, (400,), generator=g)
+    captions = padded_sets(lengths, 30, 8, g)
+    ordered = torch.sort(lengths, descending=True).values
+    blocks = plan_blocks(MaxAlignModel(), images, captions, 4_000_000, None, ordered)
+    covered = np.zeros((40, 400), dtype=int)
+    for b in blocks:
+        covered[b.img_start : b.img_stop, b.cap_start : b.cap_stop] += 1
+        if b.cap_stop < 400:  # every block but the last is sized to a multiple of 8 GEMM columns
+            assert ((b.cap_stop - b.cap_start) * int(ordered[b.cap_start])) % GEMM_ALIGN == 0
+    assert (covered == 1).all()
+
+
 @pytest.mark.parametrize("budget", [1, 2000, 9000, 1 << 30])
 def test_engine_matches_reference_and_respects_budget(toy_data, budget):
     images, captions = toy_data
