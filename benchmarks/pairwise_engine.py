@@ -381,6 +381,25 @@ def measure_gemm_gflops(d: int, s: int, seconds: float = 1.5) -> float:
     return best
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_breakdown(fn) -> tuple[float, float]:
+    """Run ``fn()`` under the profiler: ``(share of its operator time spent in GEMMs, the GFLOP/s
+    those GEMMs ran at)``. Where the engine's time goes beyond its floor: slow GEMM shapes (the
+    ``K = R`` attended products, small blocks) or the per-pair elementwise work around them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = [e for e in events if e.key in GEMM_OPS]
+    gemm_us = sum(e.self_cpu_time_total for e in gemm)
+    gemm_flops = sum(e.flops for e in gemm)
+    return gemm_us / max(total, 1), gemm_flops / max(gemm_us, 1) / 1e3
+
+
 # --------------------------------------------------------------------------- one comparison
 @dataclass
 class Row:
@@ -405,10 +424,17 @@ class Row:
     gemm_peak_gflops: float
     floor_seconds: float
     speedup_bound: float
+    gemm_share: float | None = None
+    gemm_gflops: float | None = None
+
+    @property
+    def over_floor(self) -> float:
+        return self.engine_seconds / self.floor_seconds
 
 
 def compare(
     name, model, images, captions, loop_fn, loop_captions, budget, flops, gemm_peak, engine_fn=None, fixed_flops=0.0,
+    sample_fn=None, sample_images: int = 50,
 ) -> Row:
     """Time ``loop_fn(loop_captions)`` and the engine on the same inputs. ``flops = (loop, engine)``:
     FLOPs per caption column (``[n_cap]`` arrays).
@@ -417,7 +443,8 @@ def compare(
     fixed_seconds)`` where ``fixed_seconds`` of its time do not grow with the captions (LHSC's
     image encoder) and are not extrapolated. ``engine_fn()`` (default: the engine on ``images``,
     ``captions``) returns the full matrix. ``fixed_flops``: arithmetic outside the caption columns,
-    done by both sides."""
+    done by both sides. ``sample_fn()`` (default: the engine on the first ``sample_images`` images)
+    runs once more under the profiler for :func:`gemm_breakdown`; ``sample_images=0`` skips it."""
     n_cap = len(captions)
     loop_captions = min(loop_captions, n_cap)
     loop_flops, engine_flops = (np.asarray(f, dtype=np.float64) for f in flops)
@@ -432,6 +459,10 @@ def compare(
             start = time.perf_counter()
             sims = engine_fn()
             engine_time = time.perf_counter() - start
+    if sample_fn is None and sample_images > 0:
+        sample = images.slice(0, min(sample_images, len(images)))
+        sample_fn = lambda: pairwise_similarity(model, sample, captions, memory_budget=budget)  # noqa: E731
+    gemm_share, gemm_gflops = gemm_breakdown(sample_fn) if sample_fn is not None else (None, None)
     loop, fixed_time = loop if isinstance(loop, tuple) else (loop, 0.0)
     # the loop's full time scales with its arithmetic (captions differ in length)
     full_loop = fixed_time + (loop_time - fixed_time) * loop_flops.sum() / loop_flops[:loop_captions].sum()
@@ -443,7 +474,7 @@ def compare(
         full_loop / engine_time, loop_mem.peak_gib, loop_mem.extra_gib, engine_mem.peak_gib,
         engine_mem.extra_gib, engine_total / engine_time / 1e9, diff,
         (loop_flops[:loop_captions].sum() + fixed_flops) / loop_time / 1e9, (loop_flops.sum() + fixed_flops) / 1e12,
-        engine_total / 1e12, gemm_peak, floor, full_loop / floor,
+        engine_total / 1e12, gemm_peak, floor, full_loop / floor, gemm_share, gemm_gflops,
     )  # fmt: skip
 
 
@@ -462,7 +493,7 @@ def report(rows: list[Row], notes: list[str]) -> str:
     header = (
         f"{'method':<12} {'matrix':>11} {'loop s':>9} {'engine s':>9} {'speedup':>8} "
         f"{'loop GiB':>9} {'eng GiB':>8} {'eng +GiB':>8} {'max|diff|':>10} {'loop TF':>8} {'eng TF':>7} "
-        f"{'loop GF/s':>9} {'eng GF/s':>8} {'floor s':>8} {'bound':>6}"
+        f"{'loop GF/s':>9} {'eng GF/s':>8} {'floor s':>8} {'bound':>6} {'x floor':>7} {'gemm %':>6} {'gemm GF/s':>9}"
     )
     lines += [header, "-" * len(header)]
     for r in rows:
@@ -472,7 +503,8 @@ def report(rows: list[Row], notes: list[str]) -> str:
             f"{r.speedup:>7.1f}x {_fmt(r.loop_peak_gib, '.2f'):>9} {_fmt(r.engine_peak_gib, '.2f'):>8} "
             f"{_fmt(r.engine_extra_gib, '.2f'):>8} {r.max_abs_diff:>10.2e} {r.loop_tflop_full:>8.2f} "
             f"{r.engine_tflop:>7.2f} {r.loop_gflops:>9.1f} {r.engine_gflops:>8.1f} {r.floor_seconds:>8.1f} "
-            f"{r.speedup_bound:>5.1f}x"
+            f"{r.speedup_bound:>5.1f}x {r.over_floor:>6.2f}x "
+            f"{_fmt(None if r.gemm_share is None else 100 * r.gemm_share, '.0f'):>6} {_fmt(r.gemm_gflops, '.0f'):>9}"
         )
     if any(r.loop_extrapolated for r in rows):
         lines.append(
@@ -485,7 +517,10 @@ def report(rows: list[Row], notes: list[str]) -> str:
         "the RSS at the start of the engine phase. TF: TFLOP of the full matrix (loop: the reference's "
         "arithmetic; eng: the engine's, which skips work the loop does, see sgraf_flops / scan_flops). "
         f"floor s: the engine's TFLOP at the measured GEMM rate ({rows[0].gemm_peak_gflops:.0f} GFLOP/s), "
-        "the fastest it could run; bound: loop time / floor s, the largest speed-up that arithmetic allows."
+        "the fastest it could run; bound: loop time / floor s, the largest speed-up that arithmetic allows. "
+        "x floor: engine s / floor s. gemm %, gemm GF/s: a profiled engine run on the first images (--sample-images): "
+        "the share of its operator time in GEMMs (mm, addmm, bmm, baddbmm) and the rate they ran at. An engine sits "
+        "above its floor by its GEMMs running below the floor's rate at their shapes, and by the time outside them."
         if rows else ""
     )
     return "\n".join(lines)
@@ -507,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lhsc-word-dim", type=int, default=300, help="LHSC's word embedding size")
     parser.add_argument("--cefg-captions", type=int, default=100, help="CEFG runs on this many captions (slowest method)")
     parser.add_argument("--cefg-loop-captions", type=int, default=10, help="time CEFG's loop on this many captions")
+    parser.add_argument("--sample-images", type=int, default=50,
+                        help="profile the engine once more on this many images for the gemm %% / gemm GF/s columns (0: skip)")
     parser.add_argument("--budget-mib", type=float, default=None, help="engine memory budget (default: the engine's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -551,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                 compare(
                     method, model, images, captions,
                     lambda n, cfg=cfg: reference_loop_scan(images, captions, cfg, n),
-                    args.loop_captions, budget, flops, gemm_peak,
+                    args.loop_captions, budget, flops, gemm_peak, sample_images=args.sample_images,
                 )  # fmt: skip
             )
         elif method in ("sgr", "saf"):
@@ -597,7 +634,7 @@ def _sgraf_row(module, args, images, captions, budget, generator, notes, gemm_pe
     return compare(
         module.lower(), model, images_g, caps_g,
         lambda n: reference_loop_sgraf(model, images_g, caps_g, n),
-        min(args.sgraf_loop_captions, n_cap), budget, flops, gemm_peak,
+        min(args.sgraf_loop_captions, n_cap), budget, flops, gemm_peak, sample_images=args.sample_images,
     )  # fmt: skip
 
 
@@ -621,6 +658,8 @@ def _lhsc_row(args, lengths: torch.Tensor, budget, generator, notes, gemm_peak) 
     model.eval()
     batch = 100  # the reference's encode_data batches (lhsc.md §4); the evaluator does the same for LHSC
 
+    encoded: dict[str, Encoded] = {}
+
     def engine():
         # batches written into place, as the evaluator encodes a split (EncodedWriter: the result
         # plus one batch in memory, not every batch and their concatenation)
@@ -630,8 +669,13 @@ def _lhsc_row(args, lengths: torch.Tensor, budget, generator, notes, gemm_peak) 
         for i in range(0, n_cap, batch):
             captions.write(range(i, min(i + batch, n_cap)),
                            model.encode_captions(tokens[i : i + batch].contiguous(), lengths[i : i + batch]))  # fmt: skip
-        return pairwise_similarity(model, images.result(), captions.result(), memory_budget=budget, progress=True,
+        encoded.update(images=images.result(), captions=captions.result())
+        return pairwise_similarity(model, encoded["images"], encoded["captions"], memory_budget=budget, progress=True,
                                    desc="lhsc")  # fmt: skip
+
+    def sample():  # the pairwise part alone, on the encodings the timed run made
+        images = encoded["images"].slice(0, min(args.sample_images, args.images))
+        return pairwise_similarity(model, images, encoded["captions"], memory_budget=budget)
 
     per_caption, _, fixed = lhsc_flops(lengths.numpy(), args.images, R, d, cfg.sim_dim, args.lhsc_word_dim, args.lhsc_img_dim)
     notes.append(
@@ -642,7 +686,7 @@ def _lhsc_row(args, lengths: torch.Tensor, budget, generator, notes, gemm_peak) 
         "lhsc", model, raw, Encoded(tokens[..., None].float(), lengths),
         lambda n: reference_loop_lhsc(model, raw, tokens, lengths, n),
         min(args.sgraf_loop_captions, n_cap), budget, (per_caption, per_caption), gemm_peak, engine_fn=engine,
-        fixed_flops=fixed,
+        fixed_flops=fixed, sample_fn=sample if args.sample_images > 0 else None,
     )  # fmt: skip
 
 
@@ -685,7 +729,7 @@ def _cefg_row(module, args, captions, budget, generator, notes, gemm_peak) -> Ro
     return compare(
         f"cefg-{module.lower()}", model, images_g, caps_g,
         lambda n: reference_loop_cefg(model, images_g, caps_g, n),
-        min(args.cefg_loop_captions, n_cap), budget, flops, gemm_peak,
+        min(args.cefg_loop_captions, n_cap), budget, flops, gemm_peak, sample_images=args.sample_images,
     )  # fmt: skip
 
 

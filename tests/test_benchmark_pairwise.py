@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "pairwise_engine.py"
 
@@ -40,11 +41,20 @@ def test_reference_loops_equal_the_engine_at_toy_sizes(bench, tmp_path, capsys):
         assert row["max_abs_diff"] < 1e-5, name
         assert row["loop_extrapolated"] and row["loop_captions"] == 8
         assert row["speedup_bound"] == pytest.approx(row["loop_seconds_full"] / row["floor_seconds"])
+        assert 0 < row["gemm_share"] <= 1 and row["gemm_gflops"] > 0, name  # the profiled sample ran
     # SGR's engine skips a third of the graph arithmetic; SAF does the same arithmetic as the loop
     assert 0 < rows["sgr"]["engine_tflop"] < rows["sgr"]["loop_tflop_full"]
     assert rows["saf"]["engine_tflop"] == pytest.approx(rows["saf"]["loop_tflop_full"])
     printed = capsys.readouterr().out
     assert "floor s" in printed and "GEMM rate" in printed
+
+
+def test_gemm_breakdown_counts_gemms_and_only_gemms(bench):
+    a, b = torch.randn(256, 512), torch.randn(512, 384)
+    share, rate = bench.gemm_breakdown(lambda: [a @ b for _ in range(5)])
+    assert share > 0.9 and rate > 0.1  # GFLOP/s from the profiler's FLOP count: 2 x 256 x 512 x 384 per call
+    share, _ = bench.gemm_breakdown(lambda: [a.exp() for _ in range(5)])
+    assert share == 0
 
 
 def test_lhsc_loop_with_its_encoders_equals_the_engine_at_toy_sizes(bench, tmp_path):
