@@ -450,15 +450,17 @@ def compare(
     loop_flops, engine_flops = (np.asarray(f, dtype=np.float64) for f in flops)
     if engine_fn is None:
         engine_fn = lambda: pairwise_similarity(model, images, captions, memory_budget=budget, progress=True, desc=name)  # noqa: E731
+    # the engine first: its peak is then the inputs and the engine, not what the loop's
+    # allocations left resident (the allocator keeps freed memory)
     with torch.no_grad():
-        with PeakMemory() as loop_mem:
-            start = time.perf_counter()
-            loop = loop_fn(loop_captions)
-            loop_time = time.perf_counter() - start
         with PeakMemory() as engine_mem:
             start = time.perf_counter()
             sims = engine_fn()
             engine_time = time.perf_counter() - start
+        with PeakMemory() as loop_mem:
+            start = time.perf_counter()
+            loop = loop_fn(loop_captions)
+            loop_time = time.perf_counter() - start
     if sample_fn is None and sample_images > 0:
         sample = images.slice(0, min(sample_images, len(images)))
         sample_fn = lambda: pairwise_similarity(model, sample, captions, memory_budget=budget)  # noqa: E731
@@ -513,8 +515,8 @@ def report(rows: list[Row], notes: list[str]) -> str:
             + "); the difference is over those captions"
         )
     lines.append(
-        "GiB: peak resident memory of the process during the phase (inputs included); eng +GiB: above "
-        "the RSS at the start of the engine phase. TF: TFLOP of the full matrix (loop: the reference's "
+        "GiB: peak resident memory of the process during the phase (inputs included; the engine runs "
+        "first, the loop after it); eng +GiB: above the RSS at the start of the engine phase. TF: TFLOP of the full matrix (loop: the reference's "
         "arithmetic; eng: the engine's, which skips work the loop does, see sgraf_flops / scan_flops). "
         f"floor s: the engine's TFLOP at the measured GEMM rate ({rows[0].gemm_peak_gflops:.0f} GFLOP/s), "
         "the fastest it could run; bound: loop time / floor s, the largest speed-up that arithmetic allows. "
