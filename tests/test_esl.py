@@ -412,6 +412,8 @@ def test_presets_follow_the_training_scripts():
     course = spec.preset("course")
     assert (course.model.embed_size, course.train.batch_size, course.train.epochs, course.train.lr_decay_epochs) == (256, 32, 8, (5,))
     assert spec.preset("course-a").model.variant == "A"
+    # two sum-mode epochs in the course (one collapsed ESL-H with seed 0 on 2 threads); smoke runs both modes
+    assert course.train.sum_warmup_epochs == 2 and spec.preset("smoke").train.sum_warmup_epochs == 1
 
 
 # -------------------------------------------------------------------------- converter (§7)
