@@ -448,7 +448,8 @@ def compare(
     n_cap = len(captions)
     loop_captions = min(loop_captions, n_cap)
     loop_flops, engine_flops = (np.asarray(f, dtype=np.float64) for f in flops)
-    if engine_fn is None:
+    default_engine = engine_fn is None
+    if default_engine:
         engine_fn = lambda: pairwise_similarity(model, images, captions, memory_budget=budget, progress=True, desc=name)  # noqa: E731
     # the engine first: its peak is then the inputs and the engine, not what the loop's
     # allocations left resident (the allocator keeps freed memory)
@@ -461,7 +462,7 @@ def compare(
             start = time.perf_counter()
             loop = loop_fn(loop_captions)
             loop_time = time.perf_counter() - start
-    if sample_fn is None and sample_images > 0:
+    if sample_fn is None and default_engine and sample_images > 0:  # a custom engine_fn brings its own sample
         sample = images.slice(0, min(sample_images, len(images)))
         sample_fn = lambda: pairwise_similarity(model, sample, captions, memory_budget=budget)  # noqa: E731
     gemm_share, gemm_gflops = gemm_breakdown(sample_fn) if sample_fn is not None else (None, None)

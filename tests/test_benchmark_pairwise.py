@@ -57,17 +57,21 @@ def test_gemm_breakdown_counts_gemms_and_only_gemms(bench):
     assert share == 0
 
 
-def test_lhsc_loop_with_its_encoders_equals_the_engine_at_toy_sizes(bench, tmp_path):
+@pytest.mark.parametrize("sample_images", [50, 0])
+def test_lhsc_loop_with_its_encoders_equals_the_engine_at_toy_sizes(bench, tmp_path, sample_images):
     """LHSC's row encodes raw features and word ids on both sides; 130 captions make two of the
-    reference's 100-caption encoding batches, and the loop's 105 captions reach into the second."""
+    reference's 100-caption encoding batches, and the loop's 105 captions reach into the second.
+    Its GEMM breakdown profiles the pairwise part on the encodings; ``--sample-images 0`` skips it."""
     out = tmp_path / "rows.json"
     argv = ["--images", "5", "--captions", "130", "--dim", "16", "--sgraf-loop-captions", "105",
-            "--methods", "lhsc", "--lhsc-img-dim", "12", "--lhsc-word-dim", "8", "--json", str(out)]
+            "--methods", "lhsc", "--lhsc-img-dim", "12", "--lhsc-word-dim", "8", "--json", str(out),
+            "--sample-images", str(sample_images)]
     assert bench.main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["method"] == "lhsc" and row["n_captions"] == 130 and row["loop_captions"] == 105
     assert row["max_abs_diff"] < 1e-5
     assert row["engine_tflop"] == pytest.approx(row["loop_tflop_full"])  # same arithmetic on both sides
+    assert (row["gemm_share"] is None) == (sample_images == 0)
 
 
 def test_lhsc_flop_count_by_hand(bench):
